@@ -1,0 +1,278 @@
+"""The decoder-only Transformer (Flax linen): one config expresses Llama, Qwen2, Mistral, Gemma 1/2/3 and T5X's
+decoder-only prefix LM.
+
+Axis legend, used in einsum strings and variable suffixes:
+  B batch, L query length, S key/cache length, D model dim, H query heads, K kv heads, G query heads per kv
+  head (H = K*G), E head dim, F mlp dim, V vocab, R LoRA rank.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fiat_jax import lora as lora_lib
+
+Array = jax.Array
+NEG_INF = -2.3819763e38  # a finite "minus infinity": fully masked rows stay NaN-free.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Architecture of one decoder-only model; `hf.py` maps each Hugging Face family onto it."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  activation: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU) | gelu | relu
+  gated_mlp: bool = True
+  norm_eps: float = 1e-6
+  norm_plus_one: bool = False  # Gemma's RMSNorm: x * (1 + scale).
+  qkv_bias: bool = False  # Qwen2.
+  rope_theta: float = 10_000.0
+  rope_local_theta: float | None = None  # Gemma 3: local layers use their own base.
+  rope_scaling: tuple[tuple[str, float], ...] | None = None  # (("type","linear"|"llama3"), ("factor",8.0), ...)
+  tie_embeddings: bool = True
+  scale_embeddings: bool = False  # Gemma: multiply embeddings by sqrt(D).
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None  # default head_dim: queries scaled by its -1/2 power.
+  qk_norm: bool = False  # Gemma 3: RMSNorm over E of queries and keys.
+  attention_pattern: tuple[str, ...] = ("global",)  # cycled over layers: "global" | "local"
+  sliding_window: int | None = None  # key window of "local" layers.
+  post_attn_norm: bool = False  # Gemma 2/3 post-norms.
+  post_mlp_norm: bool = False
+  parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x)).
+  prefix_lm: bool = False  # T5X decoder-only: bidirectional attention over the inputs.
+  dtype: str = "float32"  # compute
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each block in the backward pass.
+  lora: lora_lib.LoraConfig | None = None
+
+  def layer_kind(self, i: int) -> str:
+    return self.attention_pattern[i % len(self.attention_pattern)]
+
+
+def tiny_config(vocab_size: int = 259, **overrides) -> Config:
+  """A few-thousand-parameter model for tests and the demo."""
+  base = dict(vocab_size=vocab_size, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+              mlp_dim=64)
+  base.update(overrides)
+  return Config(**base)
+
+
+def _logical(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation in float32, optionally Gemma's (1 + scale) form."""
+  cfg: Config
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.cfg.norm_plus_one else nn.initializers.ones
+    scale = self.param("scale", _logical(init, (self.axis_name,)), (x.shape[-1],), self.cfg.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    scale = scale.astype(jnp.float32)
+    return (y * (1.0 + scale if self.cfg.norm_plus_one else scale)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: Config, local: bool) -> Array:
+  """Inverse frequencies [E/2] of rotary embeddings, with the configured scaling on global layers."""
+  theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
+  inv = 1.0 / theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+  if cfg.rope_scaling is None or (local and cfg.rope_local_theta):
+    return inv
+  s = dict(cfg.rope_scaling)
+  if s["type"] == "linear":
+    return inv / s["factor"]
+  if s["type"] == "llama3":
+    # Llama 3.1+: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
+    low_wl = s["original_max_position"] / s["low_freq_factor"]
+    high_wl = s["original_max_position"] / s["high_freq_factor"]
+    wl = 2 * math.pi / inv
+    smooth = (s["original_max_position"] / wl - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    ramp = (1 - smooth) * inv / s["factor"] + smooth * inv
+    return jnp.where(wl > low_wl, inv / s["factor"], jnp.where(wl < high_wl, inv, ramp))
+  raise ValueError(f"rope_scaling type {s['type']!r} is not supported (linear, llama3)")
+
+
+def apply_rope(x_BLNE, positions_BL, inv_freq):
+  """Rotates (first half, second half) pairs of the head dim: the Hugging Face weight layout."""
+  angles_BLE2 = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BLE2)[:, :, None], jnp.cos(angles_BLE2)[:, :, None]
+  x1, x2 = jnp.split(x_BLNE.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNE.dtype)
+
+
+def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q_bidir_BL, k_bidir_BS, window):
+  """[B, L, S] bool: same segment, and causal in slot order (or both inside the bidirectional prefix), and
+  within the sliding window (in position space) when one is given."""
+  causal = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
+  bidir = q_bidir_BL[:, :, None] & k_bidir_BS[:, None, :]
+  mask = (q_seg_BL[:, :, None] == k_seg_BS[:, None, :]) & (causal | bidir)
+  if window is not None:
+    mask &= (q_pos_BL[:, :, None] - k_pos_BS[:, None, :]) < window
+  return mask
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention with RoPE, optional q/k norm, soft-capping and a KV cache."""
+  cfg: Config
+  local: bool
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, cache, deterministic):
+    cfg = self.cfg
+    H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = lambda n, axes, name, bias=False: lora_lib.Dense(n, axes=axes, use_bias=bias, lora=cfg.lora,
+                                                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    B, L, _ = x_BLD.shape
+    q_BLHE = dense(H * E, ("embed", "q_heads"), "q", cfg.qkv_bias)(x_BLD, deterministic).reshape(B, L, H, E)
+    k_BLKE = dense(K * E, ("embed", "kv_heads"), "k", cfg.qkv_bias)(x_BLD, deterministic).reshape(B, L, K, E)
+    v_BLKE = dense(K * E, ("embed", "kv_heads"), "v", cfg.qkv_bias)(x_BLD, deterministic).reshape(B, L, K, E)
+    if cfg.qk_norm:
+      q_BLHE = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHE)
+      k_BLKE = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKE)
+    inv_freq = rope_inv_freq(cfg, self.local)
+    q_BLHE = apply_rope(q_BLHE, positions_BL, inv_freq)
+    k_BLKE = apply_rope(k_BLKE, positions_BL, inv_freq)
+    q_BLHE = q_BLHE * jnp.asarray((cfg.query_pre_attn_scalar or E) ** -0.5, q_BLHE.dtype)
+
+    q_slot_L = jnp.arange(L)
+    if cache is None:
+      k_BSKE, v_BSKE, k_slot_S = k_BLKE, v_BLKE, q_slot_L
+      k_pos, k_seg, k_bidir = positions_BL, segment_BL, bidir_BL
+      new_cache = None
+    else:  # Write this chunk at cache["index"]; attend over every slot written so far.
+      idx = cache["index"]
+      upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), idx, axis=1)
+      k_BSKE, v_BSKE = upd(cache["k"], k_BLKE), upd(cache["v"], v_BLKE)
+      k_pos, k_seg = upd(cache["positions"], positions_BL), upd(cache["segments"], segment_BL)
+      k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
+      k_slot_S, q_slot_L = jnp.arange(k_BSKE.shape[1]), q_slot_L + idx
+      new_cache = dict(k=k_BSKE, v=v_BSKE)
+    q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+    logits_BKGLS = jnp.einsum("BLKGE,BSKE->BKGLS", q_BLKGE, k_BSKE.astype(q_BLKGE.dtype),
+                              preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap:
+      logits_BKGLS = jnp.tanh(logits_BKGLS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
+                              cfg.sliding_window if self.local else None)
+    logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, NEG_INF)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKE.dtype)
+    out_BLKGE = jnp.einsum("BKGLS,BSKE->BLKGE", probs_BKGLS, v_BSKE.astype(probs_BKGLS.dtype))
+    out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
+    return out_BLD, new_cache
+
+
+class Mlp(nn.Module):
+  """Gated (SwiGLU / GeGLU) or plain feed-forward block."""
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, x_BLD, deterministic):
+    cfg = self.cfg
+    dense = lambda n, axes, name: lora_lib.Dense(n, axes=axes, lora=cfg.lora, dtype=cfg.dtype,
+                                                 param_dtype=cfg.param_dtype, name=name)
+    act = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+           "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}[cfg.activation]
+    h_BLF = act(dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic))
+    if cfg.gated_mlp:
+      h_BLF = h_BLF * dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic)
+    h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
+    return dense(cfg.embed_dim, ("mlp", "embed"), "down")(h_BLF, deterministic)
+
+
+class Block(nn.Module):
+  """One decoder layer: pre-norms, optional post-norms, sequential or parallel attention + MLP."""
+  cfg: Config
+  local: bool
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, cache, deterministic):
+    cfg = self.cfg
+    h = RMSNorm(cfg, name="pre_attn_norm")(x_BLD)
+    attn, new_cache = Attention(cfg, self.local, name="attn")(h, positions_BL, segment_BL, bidir_BL, cache,
+                                                              deterministic)
+    if cfg.post_attn_norm:
+      attn = RMSNorm(cfg, name="post_attn_norm")(attn)
+    if cfg.parallel_block:
+      x_BLD = x_BLD + attn + Mlp(cfg, name="mlp")(h, deterministic)
+    else:
+      x_BLD = x_BLD + attn
+      m = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x_BLD), deterministic)
+      if cfg.post_mlp_norm:
+        m = RMSNorm(cfg, name="post_mlp_norm")(m)
+      x_BLD = x_BLD + m
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), new_cache
+
+
+class Transformer(nn.Module):
+  """Token ids [B, L] -> logits [B, L, V] (float32), and the updated KV cache when one is given."""
+  cfg: Config
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = lora_lib.Embed(cfg.vocab_size, cfg.embed_dim, lora=cfg.lora, param_dtype=cfg.param_dtype,
+                                   dtype=cfg.dtype, tied=cfg.tie_embeddings)
+    block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
+    self.layers = [block(cfg, cfg.layer_kind(i) == "local", name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg)
+
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, bidirectional_BL=None, cache=None,
+               deterministic=True, return_hidden=False):
+    """Args: positions default to 0..L-1; segment ids (0 = padding) default to ones; `bidirectional_BL` marks the
+    prefix-LM inputs (seqio's decoder_causal_attention); `cache` comes from `init_cache`."""
+    cfg = self.cfg
+    B, L = tokens_BL.shape
+    positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL
+    segment_BL = jnp.ones((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    bidir_BL = (jnp.zeros((B, L), bool) if bidirectional_BL is None or not cfg.prefix_lm
+                else bidirectional_BL.astype(bool))
+    x_BLD = self.embedder(tokens_BL, deterministic)
+    if cfg.scale_embeddings:
+      x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.embed_dim), x_BLD.dtype)
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"],
+                                                    positions=cache["positions"], segments=cache["segments"])
+      x_BLD, c = layer(x_BLD, positions_BL, segment_BL, bidir_BL, layer_cache, deterministic)
+      new_layers.append(c)
+    h_BLD = self.final_norm(x_BLD)
+    new_cache = None
+    if cache is not None:
+      upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache["index"], axis=1)
+      new_cache = dict(layers=new_layers, index=cache["index"] + L, positions=upd(cache["positions"], positions_BL),
+                       segments=upd(cache["segments"], segment_BL))
+    return (h_BLD if return_hidden else self.logits(h_BLD, deterministic)), new_cache
+
+  def logits(self, h_BLD, deterministic=True):
+    """Final hidden states -> float32 logits, soft-capped when configured (exposed for chunked losses)."""
+    logits_BLV = self.embedder.attend(h_BLD, deterministic).astype(jnp.float32)
+    if self.cfg.final_logit_softcap:
+      logits_BLV = jnp.tanh(logits_BLV / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
+    return nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache: segment 0 marks unwritten slots, which no real token attends to."""
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return dict(layers=[dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+              index=jnp.zeros((), jnp.int32), positions=jnp.zeros((batch, max_len), jnp.int32),
+              segments=jnp.zeros((batch, max_len), jnp.int32))
+
+
+def init_params(cfg: Config, key, batch: int = 1, length: int = 8):
+  """Random base parameters (the 'params' collection, with logical-axis metadata boxes)."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return Transformer(dataclasses.replace(cfg, lora=None)).init(key, tokens)["params"]
