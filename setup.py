@@ -30,6 +30,7 @@ setuptools.setup(
         "matplotlib>=3.11,<4",
         "scikit-learn>=1.9,<2",
         "openai>=3.57,<4",
+        "importlib_resources>=7.1,<8",  # tensorflow-datasets builders need it
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: the CPU build; an open range pulls a CUDA build.

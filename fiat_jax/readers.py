@@ -1,0 +1,231 @@
+"""Strict readers for the released XOR-AttriQA and XTREME-UP cross-lingual QA files."""
+import collections
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+from absl import logging
+import tensorflow as tf
+
+DATASETS = ('xor_attriqa', 'xtreme_up_xqa')
+SPLITS = ('train', 'validation', 'test')
+
+# Where users download the releases (the TFDS builders fetch these too).
+XOR_ATTRIQA_URL = 'https://storage.googleapis.com/gresearch/xor_attriqa/xor_attriqa.zip'
+XTREME_UP_URL = 'https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz'
+
+XOR_ATTRIQA_LANGUAGES = ('bn', 'fi', 'ja', 'ru', 'te')
+XTREME_UP_INDIC = ('as', 'bho', 'brx', 'gbm', 'gom', 'gu', 'hi', 'hne', 'kn', 'mai',
+                   'ml', 'mni', 'mr', 'mwr', 'or', 'pa', 'ps', 'sa', 'ta', 'ur')
+XTREME_UP_LANGUAGES = XTREME_UP_INDIC + ('ar', 'bn', 'fi', 'ja', 'ko', 'ru', 'te')
+# Left out of XTREME-UP's headline mean (the benchmark's high-resource languages).
+XTREME_UP_HIGH_RESOURCE = ('hi', 'ar', 'fi', 'ja', 'ko', 'ru')
+LANGUAGES = {'xor_attriqa': XOR_ATTRIQA_LANGUAGES, 'xtreme_up_xqa': XTREME_UP_LANGUAGES}
+
+# XOR-AttriQA `in-language/` files: one train and one validation file holding
+# all languages, and one test file per language.
+XOR_ATTRIQA_SETTING = 'in-language'
+XOR_ATTRIQA_FILES = {'train': ('train.jsonl',), 'validation': ('val.jsonl',),
+                     'test': tuple(f'{lang}.jsonl' for lang in XOR_ATTRIQA_LANGUAGES)}
+XOR_ATTRIQA_STRING_FIELDS = ('query', 'query_language', 'prediction', 'passage_in_language',
+                             'passage_en', 'passage_retrieved_language')
+XTREME_UP_TASK_DIR = 'qa_cross_lang'
+XTREME_UP_ROOT = 'xtreme_up_v1.1'  # The folder the release tarball extracts to.
+XTREME_UP_STRING_FIELDS = ('question', 'title', 'context', 'target')
+NO_ANSWER = 'No Answer'
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file, the line and the field."""
+
+
+def _fail(path: str, line: int, field: Optional[str], msg: str):
+  where = f'{path}:{line}' if line else path
+  raise DataError(f'{where}: field {field!r}: {msg}' if field else f'{where}: {msg}')
+
+
+def example_id(raw_line: str) -> str:
+  """Content hash id of one raw JSON line (first 16 hex of its sha256)."""
+  return hashlib.sha256(raw_line.encode('utf-8')).hexdigest()[:16]
+
+
+def parse_bool(value: Any, path: str, line: int, field: str) -> bool:
+  """JSON true/false or the strings "True"/"False"; anything else is an error."""
+  if isinstance(value, bool):
+    return value
+  if value in ('True', 'False'):
+    return value == 'True'
+  _fail(path, line, field, f'expected true/false or "True"/"False", got {value!r}')
+
+
+def _string(raw: dict, field: str, path: str, line: int) -> str:
+  if field not in raw:
+    _fail(path, line, field, 'missing')
+  if not isinstance(raw[field], str):
+    _fail(path, line, field, f'expected a string, got {type(raw[field]).__name__}')
+  return raw[field]
+
+
+def _check_language(language: str, dataset: str, path: str, line: int, field: Optional[str]):
+  if language not in LANGUAGES[dataset]:
+    _fail(path, line, field, f'unknown language {language!r} for {dataset} '
+          f'(known: {", ".join(LANGUAGES[dataset])})')
+
+
+def _xor_attriqa_example(raw: dict, raw_line: str, path: str, line: int) -> dict:
+  for field in XOR_ATTRIQA_STRING_FIELDS:
+    _string(raw, field, path, line)
+  if 'ais' not in raw:
+    _fail(path, line, 'ais', 'missing')
+  language = raw['query_language']
+  _check_language(language, 'xor_attriqa', path, line, 'query_language')
+  # The paper's setting: the in-language passage when it was retrieved in the
+  # query's language, else the English one.
+  in_language = raw['passage_retrieved_language'] == language
+  return {
+      'id': str(raw['id']) if 'id' in raw else example_id(raw_line),
+      'language': language,
+      'question': raw['query'],
+      'answer': raw['prediction'],
+      'passage': raw['passage_in_language'] if in_language else raw['passage_en'],
+      'label': parse_bool(raw['ais'], path, line, 'ais'),
+      'raw': raw,
+  }
+
+
+def _xtreme_up_example(raw: dict, raw_line: str, path: str, line: int, language: str) -> dict:
+  example = {'id': str(raw['id']) if 'id' in raw else example_id(raw_line), 'language': language}
+  for field in XTREME_UP_STRING_FIELDS:
+    example[field] = _string(raw, field, path, line)
+  example['raw'] = raw
+  return example
+
+
+def read_file(dataset: str, path: str, language: Optional[str] = None) -> list[dict]:
+  """Parses one released JSONL file into canonical example dicts (blank lines skipped).
+
+  For XTREME-UP the language is the file's base name unless given.
+  """
+  if dataset not in DATASETS:
+    raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+  if dataset == 'xtreme_up_xqa':
+    language = language or os.path.basename(path).split('.')[0]
+    _check_language(language, dataset, path, 0, None)
+  if not tf.io.gfile.exists(path):
+    raise DataError(f'{path}: file not found')
+  examples = []
+  with tf.io.gfile.GFile(path, 'r') as f:
+    for line_no, raw_line in enumerate(f, start=1):
+      raw_line = raw_line.rstrip('\r\n')
+      if not raw_line.strip():
+        continue
+      try:
+        raw = json.loads(raw_line)
+      except json.JSONDecodeError as e:
+        _fail(path, line_no, None, f'malformed JSON ({e.msg} at column {e.colno})')
+      if not isinstance(raw, dict):
+        _fail(path, line_no, None, f'expected a JSON object, got {type(raw).__name__}')
+      if dataset == 'xor_attriqa':
+        examples.append(_xor_attriqa_example(raw, raw_line, path, line_no))
+      else:
+        examples.append(_xtreme_up_example(raw, raw_line, path, line_no, language))
+  if not examples:
+    raise DataError(f'{path}: empty file (no examples)')
+  return examples
+
+
+def _locate(data_dir: str, marker: str, wrappers: Sequence[str]) -> str:
+  """The folder holding `marker`: data_dir itself or a release wrapper folder inside it."""
+  for root in (data_dir,) + tuple(os.path.join(data_dir, w) for w in wrappers):
+    if tf.io.gfile.isdir(os.path.join(root, marker)):
+      return os.path.join(root, marker)
+  raise DataError(f'{data_dir}: no {marker}/ folder (looked in {data_dir} and '
+                  f'{", ".join(wrappers)}); extract the release there')
+
+
+def split_files(dataset: str, data_dir: str, split: str,
+                languages: Optional[Iterable[str]] = None) -> list[tuple[str, Optional[str]]]:
+  """(path, language or None) of the released files holding one split."""
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')
+  if dataset == 'xor_attriqa':
+    folder = _locate(data_dir, XOR_ATTRIQA_SETTING, ('xor_attriqa',))
+    names = XOR_ATTRIQA_FILES[split]
+    if split == 'test' and languages is not None:
+      names = tuple(f'{lang}.jsonl' for lang in languages)
+    return [(os.path.join(folder, name), None) for name in names]
+  if dataset == 'xtreme_up_xqa':
+    folder = os.path.join(_locate(data_dir, XTREME_UP_TASK_DIR, (XTREME_UP_ROOT,)), split)
+    if languages is None:
+      present = sorted(os.path.basename(p)[:-len('.jsonl')]
+                       for p in tf.io.gfile.glob(os.path.join(folder, '*.jsonl')))
+      for lang in present:
+        _check_language(lang, dataset, os.path.join(folder, f'{lang}.jsonl'), 0, None)
+      missing = [lang for lang in XTREME_UP_LANGUAGES if lang not in present]
+      if missing:
+        logging.warning('xtreme_up_xqa %s: no file for %s in %s', split, ', '.join(missing), folder)
+      languages = [lang for lang in XTREME_UP_LANGUAGES if lang in present]
+    return [(os.path.join(folder, f'{lang}.jsonl'), lang) for lang in languages]
+  raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+
+
+def check_ids(examples: Sequence[dict], where: str) -> None:
+  """Ids must join rationales unambiguously: one id never names two different examples."""
+  seen = {}
+  duplicates = 0
+  for ex in examples:
+    other = seen.setdefault(ex['id'], ex)
+    if other is not ex:
+      if other['raw'] != ex['raw']:
+        raise DataError(f'{where}: id {ex["id"]!r} names two different examples')
+      duplicates += 1
+  if duplicates:
+    logging.warning('%s: %d exact duplicate examples (same id)', where, duplicates)
+
+
+def log_counts(dataset: str, split: str, examples: Sequence[dict]) -> dict[str, int]:
+  """Logs and returns the number of examples per language."""
+  counts = dict(sorted(collections.Counter(ex['language'] for ex in examples).items()))
+  logging.info('%s %s: %d examples; per language: %s', dataset, split, len(examples),
+               ', '.join(f'{k}={v}' for k, v in counts.items()))
+  return counts
+
+
+def read_split(dataset: str, data_dir: str, split: str,
+               languages: Optional[Iterable[str]] = None) -> list[dict]:
+  """Canonical examples of one split of a release extracted under data_dir."""
+  if dataset not in DATASETS:
+    raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+  if languages is not None:
+    languages = list(languages)
+    for lang in languages:
+      _check_language(lang, dataset, data_dir, 0, 'languages')
+  examples = []
+  for path, lang in split_files(dataset, data_dir, split, languages):
+    examples.extend(read_file(dataset, path, lang))
+  if languages is not None:
+    examples = [ex for ex in examples if ex['language'] in languages]
+  if not examples:
+    raise DataError(f'{data_dir}: {dataset} split {split!r} has no examples'
+                    + (f' for languages {languages}' if languages else ''))
+  check_ids(examples, f'{data_dir} {dataset} {split}')
+  log_counts(dataset, split, examples)
+  return examples
+
+
+def read_pattern(dataset: str, file_pattern: str,
+                 languages: Optional[Iterable[str]] = None) -> list[dict]:
+  """Canonical examples from the files matching a glob (users' own copies, same format)."""
+  paths = sorted(tf.io.gfile.glob(file_pattern))
+  if not paths:
+    raise DataError(f'{file_pattern}: no file matches')
+  examples = [ex for p in paths for ex in read_file(dataset, p)]
+  if languages is not None:
+    languages = set(languages)
+    examples = [ex for ex in examples if ex['language'] in languages]
+  if not examples:
+    raise DataError(f'{file_pattern}: no examples' + (f' for {sorted(languages)}' if languages else ''))
+  check_ids(examples, file_pattern)
+  log_counts(dataset, file_pattern, examples)
+  return examples

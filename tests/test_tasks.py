@@ -1,0 +1,152 @@
+"""seqio task registration: names, mixtures, I_tau formats per recipe, rationale attachment."""
+import os
+
+import pytest
+import seqio
+
+from fiat_jax import data
+from fiat_jax import readers
+from fiat_jax.beta import store
+import tasks
+from tasks import xor_attriqa
+from tasks import xtreme_up
+
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+XOR = os.path.join(TESTDATA, 'xor_attriqa')
+XQA = os.path.join(TESTDATA, 'xtreme_up')
+VOCAB = seqio.ByteVocabulary()
+
+
+def write_store(store_dir, dataset, data_dir, splits=readers.SPLITS, skip=(), i_beta_version='v1',
+                beta='http:big-model', override=None):
+  """A rationale store in the documented JSONL format: one record per example and split."""
+  override = override or {}
+  with store.ShardWriter(str(store_dir)) as writer:
+    for split in splits:
+      for ex in readers.read_split(dataset, data_dir, split):
+        if ex['id'] in skip:
+          continue
+        fields = dict(key=f'{split}-{ex["id"]}', example_id=ex['id'], task=dataset, split=split,
+                      language=ex['language'], i_beta_version=i_beta_version, beta=beta,
+                      sampling={'temperature': 0.0}, rationale=f'Rationale for {ex["id"]}.',
+                      answer=None, raw='', samples=[], tokens_in=10, tokens_out=5, latency_s=0.5,
+                      backend='http', error=None)
+        fields.update(override.get(ex['id'], {}))
+        writer.append(store.make_record(**fields))
+  return str(store_dir)
+
+
+def test_names_mixtures_and_idempotence():
+  names = xtreme_up.register(XQA, VOCAB, recipes=('no_cot', 'finetune'))
+  assert names[:9] == [f'xtreme_up_xqa_{lang}_no_cot' for lang in
+                       ('as', 'hi', 'mr', 'bn', 'fi', 'ja', 'ru', 'te')] + ['xtreme_up_xqa_indic_no_cot']
+  assert names[9] == 'xtreme_up_xqa_full_no_cot' and len(names) == 20
+  indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_finetune')
+  assert [t.name for t in indic.tasks] == [f'xtreme_up_xqa_{lang}_finetune' for lang in ('as', 'hi', 'mr')]
+  assert len(seqio.get_mixture_or_task('xtreme_up_xqa_full_finetune').tasks) == 8
+  # Examples-proportional rates: hi has 3 train examples, as and mr 2.
+  assert [indic.get_rate(t) for t in indic.tasks] == [2.0, 3.0, 2.0]
+  task = seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot')
+  assert xtreme_up.register(XQA, VOCAB, recipes=('no_cot', 'finetune')) == names
+  assert seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot') is task  # Not re-created.
+  xtreme_up.register(XQA, VOCAB, recipes=('no_cot',), inputs_length=4000)  # New arguments.
+  new = seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot')
+  assert new is not task and seqio.get_mixture_or_task('xtreme_up_xqa_indic_no_cot').tasks[1] is new
+  assert tasks.definition('xor_attriqa') is xor_attriqa
+  with pytest.raises(ValueError, match="recipe 'fiat' needs rationale_dir"):
+    xtreme_up.register(XQA, VOCAB, recipes=('fiat',))
+  with pytest.raises(ValueError, match="unknown recipe 'cot'"):
+    xtreme_up.register(XQA, VOCAB, recipes=('cot',))
+
+
+def test_formats_per_recipe():
+  ex = readers.read_split('xtreme_up_xqa', XQA, 'train', ['hi'])[0]
+  i_tau = data.load_i_tau('xtreme_up_xqa')
+  assert i_tau.startswith('Answer the question from the English passage.')
+  x = ('Question: भारत की राजधानी क्या है?\nTitle: New Delhi\nPassage: New Delhi is the capital of '
+       'India and a part of the National Capital Territory of Delhi.')
+  assert data.format_inputs('xtreme_up_xqa', ex, 'no_cot', i_tau) == f'{i_tau}\n\n{x}\nAnswer:'
+  assert data.format_inputs('xtreme_up_xqa', ex, 'fiat', i_tau, 'R.') == (
+      f'{i_tau}\n\n{x}\n{data.RATIONALE_HEADER} R.\nAnswer:')
+  plain = ('question: भारत की राजधानी क्या है? title: New Delhi context: New Delhi is the capital '
+           'of India and a part of the National Capital Territory of Delhi.')
+  assert data.format_inputs('xtreme_up_xqa', ex, 'finetune') == plain
+  assert data.format_inputs('xtreme_up_xqa', ex, 'no_instruction', rationale='R.') == plain + ' rationale: R.'
+  xor = readers.read_split('xor_attriqa', XOR, 'train', ['ru'])[1]
+  assert data.format_inputs('xor_attriqa', xor, 'finetune') == (
+      'question: Кто написал роман «Война и мир»? answer: Фёдор Достоевский '
+      'passage: Роман «Война и мир» написан Львом Толстым.')
+  assert xor_attriqa.target(xor) == 'no' and xtreme_up.target(ex) == 'New Delhi'
+  assert xor_attriqa.postprocess(' Yes.') == 'yes' and xtreme_up.postprocess(' No Answer\n') == 'No Answer'
+
+
+def test_fiat_rationales_joined_by_id(tmp_path):
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
+  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat', 'no_instruction'))
+  rows = data.eval_examples('xor_attriqa_fiat', 'validation')
+  assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
+  for r in rows:
+    assert f'{data.RATIONALE_HEADER} Rationale for {r["id"]}.\nAttributable (yes or no):' in r['inputs_pretokenized']
+    assert r['inputs'] == VOCAB.encode(r['inputs_pretokenized'])
+  assert [r['targets_pretokenized'] for r in rows] == ['yes', 'yes', 'yes', 'yes', 'yes']
+  plain = data.eval_examples('xor_attriqa_te_no_instruction', 'test')
+  assert plain[1]['inputs_pretokenized'].endswith(f' rationale: Rationale for {plain[1]["id"]}.')
+  assert plain[1]['targets_pretokenized'] == 'no'
+
+
+def test_missing_rationales_are_counted_and_listed(tmp_path):
+  train = readers.read_split('xor_attriqa', XOR, 'train', ['fi'])
+  skip = {train[0]['id'], train[1]['id']}
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, skip=skip)
+  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  data.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
+  with pytest.raises(readers.DataError) as e:
+    data.eval_examples('xor_attriqa_fi_fiat', 'train')
+  assert '2 of 2 examples have no rationale' in str(e.value)
+  assert train[0]['id'] in str(e.value) and train[1]['id'] in str(e.value)
+  # A record with an empty rationale is missing too, never an empty string.
+  empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, override={train[0]['id']: {'rationale': ' '}})
+  xor_attriqa.register(XOR, VOCAB, empty, recipes=('fiat',))
+  with pytest.raises(readers.DataError, match=f'1 of 2 examples have no rationale in the store: {train[0]["id"]}'):
+    data.eval_examples('xor_attriqa_fi_fiat', 'train')
+
+
+@pytest.mark.parametrize('field, value', [('i_beta_version', 'v2'), ('beta', 'local:/ckpt')])
+def test_mixed_i_beta_or_beta_is_an_error(tmp_path, field, value):
+  test_id = readers.read_split('xor_attriqa', XOR, 'test', ['ja'])[0]['id']
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, splits=('train', 'validation'))
+  # The test split's rationales come from another run: the train task must refuse too.
+  with store.ShardWriter(store_dir, process_index=1) as writer:
+    writer.append(store.make_record(
+        key='t', example_id=test_id, task='xor_attriqa', split='test', language='ja',
+        i_beta_version='v1', beta='http:big-model', sampling={}, rationale='R', answer=None, raw='',
+        samples=[], tokens_in=1, tokens_out=1, latency_s=0.1, backend='http', error=None) | {field: value})
+  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  with pytest.raises(readers.DataError, match=f'must all come from the same {field}') as e:
+    data.eval_examples('xor_attriqa_bn_fiat', 'train')
+  assert f"'{value}': 1" in str(e.value) and "'test': ['" + value in str(e.value)
+
+
+def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
+  store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, splits=('train',))
+  xtreme_up.register(XQA, VOCAB, store_dir, recipes=('distilled_cot',), languages=['mr'])
+  rows, _ = data._task_rows('xtreme_up_xqa_mr_distilled_cot', 'train')
+  assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
+      ('label', '[label] Answ'), ('rationale', '[rationale] '),
+      ('label', '[label] Answ'), ('rationale', '[rationale] ')]
+  assert rows[0]['targets'] == 'Mumbai' and rows[1]['targets'] == f'Rationale for {rows[1]["id"]}.'
+  assert data.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
+  # Validation needs no rationale (none is stored for it) and has label outputs only.
+  val = data.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')
+  assert [r['targets_pretokenized'] for r in val] == ['Shivneri Fort', 'Mumbai']
+
+
+def test_seqio_task_tokenizes_and_carries_metrics():
+  xor_attriqa.register(XOR, VOCAB, recipes=('finetune',), languages=['bn'])
+  task = seqio.get_mixture_or_task('xor_attriqa_bn_finetune')
+  ex = next(task.get_dataset(None, split='test', shuffle=False).as_numpy_iterator())
+  assert ex['inputs_pretokenized'].decode().startswith('question: বাংলাদেশের রাজধানী')
+  assert list(ex['inputs']) == VOCAB.encode(ex['inputs_pretokenized'].decode())
+  assert list(ex['targets']) == VOCAB.encode('yes') + [VOCAB.eos_id]
+  assert [f.__name__ for f in task.predict_metric_fns] == ['accuracy_metric_fn']
+  assert [f.__name__ for f in task.score_metric_fns] == ['auc_pr_score_metric_fn']
