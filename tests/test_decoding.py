@@ -11,12 +11,17 @@ import helpers
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], [3]]
 
 
-def _greedy_by_recomputation(cfg, params, prompt, steps):
-  model, seq = model_lib.Transformer(cfg), list(prompt)
+def _greedy_by_recomputation(cfg, params, prompt, steps, length=48):
+  """A full forward pass over the whole sequence at every step (right-padded to one length: causality makes the
+  padding invisible to earlier positions, and one compilation serves every step)."""
+  forward = jax.jit(lambda t, b: model_lib.Transformer(cfg).apply({"params": params}, t, bidirectional_BL=b)[0])
+  seq = list(prompt)
+  bidir = np.zeros((1, length), bool)
+  bidir[0, :len(prompt)] = True
   for _ in range(steps):
-    bidir = jnp.array([[True] * len(prompt) + [False] * (len(seq) - len(prompt))])
-    logits, _ = model.apply({"params": params}, jnp.array([seq]), bidirectional_BL=bidir)
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(forward(tokens, bidir)[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 
@@ -72,10 +77,11 @@ def test_score_equals_sum_of_stepwise_logprobs():
   model = model_lib.Transformer(cfg)
   targets = [[40, 41], [50], [60, 61, 62]]
   got = decoding.score(model, {"params": params}, PROMPTS, targets)
+  forward = jax.jit(lambda t, b: jax.nn.log_softmax(model.apply({"params": params}, t, bidirectional_BL=b)[0][0]))
   for prompt, target, value in zip(PROMPTS, targets, got):
     seq = prompt + target
     bidir = jnp.array([[True] * len(prompt) + [False] * len(target)])
-    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.array([seq]), bidirectional_BL=bidir)[0][0])
+    logp = forward(jnp.array([seq]), bidir)
     expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(target))
     assert value == pytest.approx(expected, abs=1e-4)
   # Greedy tokens' log-probs from generate equal their teacher-forced score.
