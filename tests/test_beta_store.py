@@ -1,0 +1,105 @@
+"""The rationale store: keys, append-only shards, torn last lines, resume sets, latest_by_example, status."""
+import hashlib
+import json
+import os
+
+import pytest
+
+from fiat_jax.beta import store
+
+SAMPLING = {"temperature": 0.0, "max_new_tokens": 8}
+
+
+def _record(key, example_id, split="train", language="bn", error=None, answer="Yes", time=1.0):
+  return store.make_record(key=key, example_id=example_id, task="xor_attriqa", split=split, language=language,
+                           i_beta_version="0123456789abcdef", beta="http:m", sampling=SAMPLING,
+                           rationale=None if error else f"because {key}", answer=None if error else answer,
+                           raw=None if error else f"because {key}\nAnswer: {answer}", samples=[], tokens_in=10,
+                           tokens_out=5, latency_s=0.1, backend="HttpBeta", time=time, error=error)
+
+
+def test_record_key_changes_with_every_part():
+  base = ("ex1", {"question": "q"}, "I_beta text", "http:m", SAMPLING)
+  key = store.record_key(*base)
+  assert len(key) == 64 and key == store.record_key(*base)
+  variants = [("ex2",) + base[1:], (base[0], {"question": "q2"}) + base[2:], base[:2] + ("I_beta 2",) + base[3:],
+              base[:3] + ("local:/ckpt",) + base[4:], base[:4] + ({"temperature": 0.7, "max_new_tokens": 8},)]
+  assert len({store.record_key(*v) for v in variants} | {key}) == 6
+  assert store.i_beta_version("I_beta text") == hashlib.sha256(b"I_beta text").hexdigest()[:16]
+
+
+def test_make_record_requires_every_field():
+  with pytest.raises(ValueError, match=r"unknown fields \['colour'\], missing fields \['answer'"):
+    store.make_record(colour="red", **{f: None for f in store.FIELDS if f not in ("answer", "time")})
+
+
+def test_append_read_resume_and_latest(tmp_path):
+  d = str(tmp_path / "store")
+  with store.ShardWriter(d, 0) as w:
+    w.append(_record("k1", "e1", time=1.0))
+    w.append(_record("k2", "e2", error="HTTP 500", time=2.0))
+    w.append(_record("k3", "e3", split="test", language="ja", time=3.0))
+  with store.ShardWriter(d, 3) as w:  # another process's shard
+    w.append(_record("k1b", "e1", answer="No", time=4.0))
+    w.append(_record("k2", "e2", time=5.0))  # the failure retried on the next run
+  assert sorted(os.listdir(d)) == ["shard-00000.jsonl", "shard-00003.jsonl"]
+  records = store.read_records(d)
+  assert [r["key"] for r in records] == ["k1", "k2", "k3", "k1b", "k2"]
+  assert store.done_keys(records) == {"k1", "k2", "k3", "k1b"}
+  latest = store.latest_by_example(d)
+  assert {k: v["answer"] for k, v in latest.items()} == {"e1": "No", "e2": "Yes", "e3": "Yes"}
+  assert list(store.latest_by_example(d, split="test")) == ["e3"]
+  line = open(os.path.join(d, "shard-00000.jsonl"), encoding="utf-8").readline()
+  assert list(json.loads(line)) == list(store.FIELDS)
+
+
+def test_torn_last_line_is_reported_ignored_and_repaired(tmp_path, caplog):
+  d = str(tmp_path)
+  with store.ShardWriter(d, 0) as w:
+    w.append(_record("k1", "e1"))
+    w.append(_record("k2", "e2"))
+  path = store.shard_path(d, 0)
+  full = open(path, "rb").read()
+  torn = json.dumps(_record("k3", "e3")).encode()[:40]
+  with open(path, "ab") as f:
+    f.write(torn)  # a crash in the middle of writing record 3
+  records, n_torn = store.read_shard(path)
+  assert [r["key"] for r in records] == ["k1", "k2"] and n_torn == 1
+  assert "torn last line (40 bytes" in caplog.text
+  with store.ShardWriter(d, 0) as w:  # the restarted run drops the torn tail before appending
+    w.append(_record("k3", "e3"))
+  assert open(path, "rb").read().startswith(full)
+  assert [r["key"] for r in store.read_records(d)] == ["k1", "k2", "k3"]
+  assert store.read_shard(path)[1] == 0
+
+
+def test_complete_json_without_newline_counts_as_torn(tmp_path):
+  path = store.shard_path(str(tmp_path), 0)
+  with open(path, "w") as f:
+    f.write(json.dumps(_record("k1", "e1")) + "\n" + json.dumps(_record("k2", "e2")))
+  records, torn = store.read_shard(path)
+  assert [r["key"] for r in records] == ["k1"] and torn == 1
+
+
+def test_corrupt_middle_line_is_an_error_naming_file_and_line(tmp_path):
+  path = store.shard_path(str(tmp_path), 2)
+  with open(path, "w") as f:
+    f.write(json.dumps(_record("k1", "e1")) + "\n{garbage\n" + json.dumps(_record("k2", "e2")) + "\n")
+  with pytest.raises(ValueError, match=r"shard-00002.jsonl:2: corrupt record"):
+    store.read_records(str(tmp_path))
+
+
+def test_status_counts_and_table():
+  records = [_record("a", "1"), _record("b", "2", error="timeout"), _record("c", "3", split="test", language="ja"),
+             _record("d", "4", split="test", language="ja", error="x"), _record("d", "4", split="test",
+                                                                                   language="ja")]
+  expected = [("train", "bn", "a"), ("train", "bn", "b"), ("train", "bn", "z"), ("test", "ja", "c"),
+              ("test", "ja", "d"), ("test", "ja", "y")]
+  counts = store.status_counts(records, expected)
+  assert counts == {("train", "bn"): {"done": 1, "failed": 1, "pending": 1},
+                    ("test", "ja"): {"done": 2, "failed": 0, "pending": 1}}
+  table = store.format_status(counts).splitlines()
+  assert table[0].split() == ["split", "language", "done", "failed", "pending"]
+  assert table[1].split() == ["test", "ja", "2", "0", "1"]
+  assert table[2].split() == ["train", "bn", "1", "1", "1"]
+  assert table[3].split() == ["all", "all", "3", "1", "2"]
