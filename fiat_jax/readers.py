@@ -6,7 +6,13 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 from absl import logging
-import tensorflow as tf
+
+
+def _gfile():
+  """tf.io.gfile (local, gs:// and other file systems), imported on first use: TensorFlow takes seconds to load."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
 
 DATASETS = ('xor_attriqa', 'xtreme_up_xqa')
 SPLITS = ('train', 'validation', 'test')
@@ -112,10 +118,10 @@ def read_file(dataset: str, path: str, language: Optional[str] = None) -> list[d
   if dataset == 'xtreme_up_xqa':
     language = language or os.path.basename(path).split('.')[0]
     _check_language(language, dataset, path, 0, None)
-  if not tf.io.gfile.exists(path):
+  if not _gfile().exists(path):
     raise DataError(f'{path}: file not found')
   examples = []
-  with tf.io.gfile.GFile(path, 'r') as f:
+  with _gfile().GFile(path, 'r') as f:
     for line_no, raw_line in enumerate(f, start=1):
       raw_line = raw_line.rstrip('\r\n')
       if not raw_line.strip():
@@ -138,7 +144,7 @@ def read_file(dataset: str, path: str, language: Optional[str] = None) -> list[d
 def _locate(data_dir: str, marker: str, wrappers: Sequence[str]) -> str:
   """The folder holding `marker`: data_dir itself or a release wrapper folder inside it."""
   for root in (data_dir,) + tuple(os.path.join(data_dir, w) for w in wrappers):
-    if tf.io.gfile.isdir(os.path.join(root, marker)):
+    if _gfile().isdir(os.path.join(root, marker)):
       return os.path.join(root, marker)
   raise DataError(f'{data_dir}: no {marker}/ folder (looked in {data_dir} and '
                   f'{", ".join(wrappers)}); extract the release there')
@@ -159,7 +165,7 @@ def split_files(dataset: str, data_dir: str, split: str,
     folder = os.path.join(_locate(data_dir, XTREME_UP_TASK_DIR, (XTREME_UP_ROOT,)), split)
     if languages is None:
       present = sorted(os.path.basename(p)[:-len('.jsonl')]
-                       for p in tf.io.gfile.glob(os.path.join(folder, '*.jsonl')))
+                       for p in _gfile().glob(os.path.join(folder, '*.jsonl')))
       for lang in present:
         _check_language(lang, dataset, os.path.join(folder, f'{lang}.jsonl'), 0, None)
       missing = [lang for lang in XTREME_UP_LANGUAGES if lang not in present]
@@ -217,7 +223,7 @@ def read_split(dataset: str, data_dir: str, split: str,
 def read_pattern(dataset: str, file_pattern: str,
                  languages: Optional[Iterable[str]] = None) -> list[dict]:
   """Canonical examples from the files matching a glob (users' own copies, same format)."""
-  paths = sorted(tf.io.gfile.glob(file_pattern))
+  paths = sorted(_gfile().glob(file_pattern))
   if not paths:
     raise DataError(f'{file_pattern}: no file matches')
   examples = [ex for p in paths for ex in read_file(dataset, p)]
