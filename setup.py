@@ -23,6 +23,8 @@ setuptools.setup(
         "sentencepiece>=0.2.0,<0.3",
         "safetensors>=0.8.0,<0.9",
         "tokenizers>=0.23,<0.24",
+        "jinja2>=3.1.6,<4",  # chat templates (hf checkpoints); 3.1.6 fixes sandbox escapes
+        "ml_dtypes>=0.6,<0.7",  # bfloat16 safetensors as numpy (hf.py)
         "numpy>=2.4,<3",
         "absl-py>=2.5,<3",
         "clu>=0.0.12",
