@@ -76,7 +76,7 @@ def _generate(model, variables, tokens, positions, segments, key, *, max_new_tok
     lp_B = jnp.take_along_axis(jax.nn.log_softmax(last_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
     out_tok = out_tok.at[:, i].set(jnp.where(done, -1, tok_B))
     out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp_B))
-    done = done | ((tok_B == eos_id) if eos_id is not None else False)
+    done = done | jnp.isin(tok_B, jnp.asarray(eos_id, jnp.int32))
     logits, cache = model.apply(variables, tok_B[:, None], pos_B[:, None], jnp.ones((B, 1), jnp.int32),
                                 cache=cache)
     return i + 1, logits[:, -1], cache, pos_B + 1, done, key, out_tok, out_lp
@@ -87,17 +87,19 @@ def _generate(model, variables, tokens, positions, segments, key, *, max_new_tok
   return out_tok, out_lp
 
 
-def generate(model, variables, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, key=None,
+def generate(model, variables, prompts: list[list[int]], *, max_new_tokens: int, eos_id, key=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0, max_len: int | None = None,
              batch_size: int = 16) -> GenerateResult:
   """Decodes every prompt; stops a row at EOS (excluded from the output) or after max_new_tokens.
 
+  `eos_id` is one id, several (chat models also end a turn on e.g. Gemma's <end_of_turn>), or None.
   Prompts are processed in batches of `batch_size` (the last one padded with empty rows); lengths are bucketed
   to multiples of 16 so a few compilations serve a whole data set. `max_len` caps prompt + new tokens.
   """
   if temperature > 0 and key is None:
     raise ValueError("sampling (temperature > 0) needs an explicit jax.random key")
   key = jax.random.PRNGKey(0) if key is None else key
+  eos_ids = () if eos_id is None else tuple(int(e) for e in np.atleast_1d(eos_id))
   tokens_out, lps_out = [], []
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
@@ -111,11 +113,11 @@ def generate(model, variables, prompts: list[list[int]], *, max_new_tokens: int,
       continue
     tok, pos, seg = left_pad(chunk, P, pad_id)
     out_tok, out_lp = _generate(model, variables, tok, pos, seg, jax.random.fold_in(key, start),
-                                max_new_tokens=new, eos_id=eos_id, temperature=float(temperature),
+                                max_new_tokens=new, eos_id=eos_ids, temperature=float(temperature),
                                 top_k=int(top_k), top_p=float(top_p))
     out_tok, out_lp = np.asarray(out_tok), np.asarray(out_lp)
     for r in range(n):
-      keep = [j for j in range(new) if out_tok[r, j] >= 0 and out_tok[r, j] != eos_id]
+      keep = [j for j in range(new) if out_tok[r, j] >= 0 and out_tok[r, j] not in eos_ids]
       tokens_out.append([int(out_tok[r, j]) for j in keep])
       lps_out.append([float(out_lp[r, j]) for j in keep])
   return GenerateResult(tokens_out, lps_out)

@@ -49,6 +49,13 @@ def test_stops_at_eos_and_excludes_it():
   assert cut.tokens[0] == full.tokens[0][:full.tokens[0].index(eos)]
   for f, c in zip(full.tokens, cut.tokens):
     assert c == (f[:f.index(eos)] if eos in f else f)
+  # Several stop ids (a chat model's <eos> and <end_of_turn>): each row stops at the first of either.
+  eos2 = full.tokens[1][1]
+  both = decoding.generate(model, {"params": params}, PROMPTS, max_new_tokens=8, eos_id=[eos, eos2])
+  for f, c in zip(full.tokens, both.tokens):
+    stops = [i for i, t in enumerate(f) if t in (eos, eos2)]
+    assert c == (f[:stops[0]] if stops else f)
+  assert both.tokens[1] == full.tokens[1][:1]
 
 
 def test_sampling_repeatable_with_the_same_key_and_varies_with_another():
