@@ -28,11 +28,11 @@ setuptools.setup(
         "numpy>=2.4,<3",
         "absl-py>=2.5,<3",
         "clu>=0.0.12",
+        "tensorboard>=2.21,<2.22",  # clu's summary writer (TensorBoard event files)
         "tqdm>=4.70,<5",
         "matplotlib>=3.11,<4",
         "scikit-learn>=1.9,<2",
         "openai>=3.57,<4",
-        "importlib_resources>=7.1,<8",  # tensorflow-datasets builders need it
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: the CPU build; an open range pulls a CUDA build.

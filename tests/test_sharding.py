@@ -38,7 +38,7 @@ def test_sharded_logits_and_lora_grads_equal_single_device(axes):
     (loss, logits), grads = jax.jit(_loss(model_lib.Transformer(cfg)))(l, p, t)
   assert len(t.sharding.device_set) == 8
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-  np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-5)  # a mean over 8x16 positions: ulps of float32 sums
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
     np.testing.assert_allclose(a, b, atol=1e-5)
 

@@ -1,0 +1,425 @@
+"""Training τ, Algorithm 1's inner loop: g = ∇_PEFT log P(y | x, ŷ_β; θ_τ, θ_PEFT, I_τ), then UPDATE.
+
+One pure train step (state = trainable tree + optimizer state + step + RNG; frozen tree; batch) -> (new state,
+metrics), jitted once with shardings and donation. The same code trains the LoRA collection only ('peft') or every
+base parameter ('full': the paper's "w/o parameter-efficient tuning" ablation). `train` is the loop: evaluation
+with best-checkpoint selection, Orbax checkpoints that resume exactly, SIGTERM saves, metrics and a progress line.
+
+Batches are dicts of numpy arrays with seqio.DecoderFeatureConverter keys: decoder_input_tokens,
+decoder_target_tokens, decoder_loss_weights, decoder_causal_attention and, when packed, decoder_segment_ids and
+decoder_positions.
+"""
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import signal
+import time
+import typing
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fiat_jax import checkpoint
+from fiat_jax import lora as lora_lib
+from fiat_jax import model as model_lib
+from fiat_jax import optim as optim_lib
+from fiat_jax import sharding
+from fiat_jax import train_log
+
+MODES = ("peft", "full")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything about a run except the model, the data and the callbacks."""
+  mode: str = "peft"  # peft: only LoRA trains | full: every base parameter trains
+  num_steps: int = 1000
+  batch_size: int = 8  # global examples (rows) per update, over all hosts
+  micro_batches: int = 1  # gradient accumulation: each update sums this many slices of the batch
+  seed: int = 0  # LoRA init and dropout keys
+  z_loss: float = 0.0  # + z_loss * log(Z)^2 per target token
+  label_smoothing: float = 0.0
+  loss_chunk: int = 0  # positions per cross-entropy chunk (never the whole [B, L, V] logits); 0: no chunking
+  compute_dtype: str | None = None  # e.g. "bfloat16": matmuls in it, parameters and optimizer state stay float32
+  log_every: int = 10
+  eval_every: int = 0  # 0: evaluate only at the end
+  eval_at_start: bool = False  # also evaluate the untrained model (step 0)
+  save_every: int = 100
+  keep: int = 3  # newest checkpoints kept (the best one is kept besides)
+  best_metric: str = "eval/loss"
+  best_mode: str = "min"  # min | max
+  tensorboard: bool = True
+  optim: optim_lib.OptimConfig = dataclasses.field(default_factory=lambda: optim_lib.OptimConfig())
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"TrainConfig.mode: {self.mode!r} is not one of {MODES}")
+    if self.best_mode not in ("min", "max"):
+      raise ValueError(f"TrainConfig.best_mode: {self.best_mode!r} is not min or max")
+    if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+      raise ValueError(f"TrainConfig: batch_size {self.batch_size} is not divisible by micro_batches "
+                       f"{self.micro_batches}")
+
+
+class TrainResult(typing.NamedTuple):
+  step: int  # updates done
+  preempted: bool  # stopped by SIGTERM after saving
+  best: dict | None  # {'metric', 'step', 'value'} of the selected checkpoint
+  test_metrics: dict | None  # what final_eval returned for the selected checkpoint
+  trainable: Any  # the final trainable tree
+  frozen: Any
+
+
+# ---- The loss and the pure steps ------------------------------------------------------------------------------
+
+def split_variables(mode: str, params, collections: dict | None = None) -> tuple[dict, dict]:
+  """(trainable, frozen): peft trains {'lora'} against frozen {'params', 'lora_init'}; full trains {'params'}."""
+  if mode == "full":
+    return {"params": params}, {}
+  frozen = {"params": params}
+  if "lora_init" in collections:
+    frozen["lora_init"] = collections["lora_init"]
+  return {"lora": collections["lora"]}, frozen
+
+
+def cross_entropy_sums(logits_NV, targets_N, weights_N, z_loss: float, label_smoothing: float):
+  """(sum of weighted training loss, sum of weighted negative log-likelihood) over N tokens."""
+  logits_NV = logits_NV.astype(jnp.float32)
+  log_z_N = jax.nn.logsumexp(logits_NV, axis=-1)
+  nll_N = log_z_N - jnp.take_along_axis(logits_NV, targets_N[:, None], axis=-1)[:, 0]
+  loss_N = nll_N
+  if label_smoothing:  # mix the one-hot target with the uniform distribution over the vocab
+    loss_N = (1 - label_smoothing) * nll_N + label_smoothing * (log_z_N - jnp.mean(logits_NV, axis=-1))
+  if z_loss:
+    loss_N = loss_N + z_loss * jnp.square(log_z_N)
+  return jnp.sum(loss_N * weights_N), jnp.sum(nll_N * weights_N)
+
+
+def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
+  """Summed token loss of a batch and (sum of loss weights, summed NLL); divided by the caller, so that
+  micro-batches and devices add up to exactly the full batch's mean."""
+  variables = {**frozen, **trainable}
+  tokens_BL = batch["decoder_input_tokens"]
+  targets_BL = batch["decoder_target_tokens"]
+  weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
+  rngs = {} if key is None else {"dropout": key}
+  h_BLD, _ = model.apply(variables, tokens_BL, batch.get("decoder_positions"), batch.get("decoder_segment_ids"),
+                         batch.get("decoder_causal_attention"), deterministic=key is None, return_hidden=True,
+                         rngs=rngs)
+  B, L, D = h_BLD.shape
+  C = tcfg.loss_chunk or L
+  if L % C:
+    raise ValueError(f"TrainConfig.loss_chunk={C} does not divide the sequence length {L}")
+
+  def chunk_sums(h_BCD, t_BC, w_BC):
+    logits = model.apply(variables, h_BCD, method="logits")
+    return cross_entropy_sums(logits.reshape(-1, logits.shape[-1]), t_BC.reshape(-1), w_BC.reshape(-1),
+                              tcfg.z_loss, tcfg.label_smoothing)
+
+  if C == L:
+    loss_sum, nll_sum = chunk_sums(h_BLD, targets_BL, weights_BL)
+  else:  # scan over length chunks; each chunk's logits are recomputed in the backward pass, never all stored
+    split = lambda x: jnp.moveaxis(x.reshape(B, L // C, C, *x.shape[2:]), 1, 0)
+    body = jax.checkpoint(lambda carry, xs: (carry + jnp.stack(chunk_sums(*xs)), None), prevent_cse=False)
+    sums, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), (split(h_BLD), split(targets_BL), split(weights_BL)))
+    loss_sum, nll_sum = sums[0], sums[1]
+  return loss_sum, (jnp.sum(weights_BL), nll_sum)
+
+
+def loss_and_grads(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
+  """(mean loss, mean NLL, summed loss weight, gradients of the mean loss w.r.t. the trainable tree only),
+  accumulated over `micro_batches` slices of the batch."""
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, model=model, tcfg=tcfg), has_aux=True)
+  M = tcfg.micro_batches
+  if M == 1:
+    (loss_sum, (weight_sum, nll_sum)), grads = grad_fn(trainable, frozen, batch, key)
+  else:  # micro-batch m takes rows m, m+M, ...: every data shard contributes equally to every micro-batch
+    micro = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // M, M, *x.shape[1:]), 0, 1),
+                                   batch)
+
+    def body(carry, xs):
+      grads_acc, sums_acc = carry
+      mkey = None if key is None else jax.random.fold_in(key, xs[1])
+      (ls, (ws, ns)), g = grad_fn(trainable, frozen, xs[0], mkey)
+      return (jax.tree_util.tree_map(jnp.add, grads_acc, g), sums_acc + jnp.stack([ls, ws, ns])), None
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    (grads, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros(3, jnp.float32)), (micro, jnp.arange(M)))
+    loss_sum, weight_sum, nll_sum = sums[0], sums[1], sums[2]
+  denom = jnp.maximum(weight_sum, 1e-9)  # NaN weights stay NaN (jnp.maximum propagates it): the loop stops
+  grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+  return loss_sum / denom, nll_sum / denom, weight_sum, grads
+
+
+def train_step(state, frozen, batch, *, model, tcfg: TrainConfig, tx, lr_fn):
+  """One update: g = ∇ of the loss w.r.t. the trainable tree (clipped inside `tx`), then the optimizer."""
+  step, trainable = state["step"], state["trainable"]
+  key = jax.random.fold_in(state["rng"], step)
+  loss, nll, weight_sum, grads = loss_and_grads(trainable, frozen, batch, key, model=model, tcfg=tcfg)
+  updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+  new_state = dict(step=step + 1, trainable=optax.apply_updates(trainable, updates), opt_state=opt_state,
+                   rng=state["rng"])
+  metrics = dict(loss=loss, nll=nll, grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(step),
+                 target_tokens=weight_sum)
+  return new_state, metrics
+
+
+def eval_step(trainable, frozen, batch, *, model, tcfg: TrainConfig):
+  """(summed NLL, summed loss weight) of one batch, without dropout."""
+  _, (weight_sum, nll_sum) = loss_sums(trainable, frozen, batch, None, model=model, tcfg=tcfg)
+  return nll_sum, weight_sum
+
+
+# ---- Shardings ------------------------------------------------------------------------------------------------
+
+def _like_params(tree, param_shardings, replicated):
+  """Shardings of an optimizer state: a leaf whose path ends with a parameter's path and has its shape gets that
+  parameter's sharding (Adam's mu / nu); everything else (counts, factored moments) is replicated."""
+  by_path = {tuple(map(str, p)): s for p, s in jax.tree_util.tree_leaves_with_path(
+      param_shardings, is_leaf=lambda x: isinstance(x, tuple))}
+
+  def pick(path, x):
+    keys = tuple(map(str, path))
+    for i in range(len(keys)):
+      hit = by_path.get(keys[i:])
+      if hit is not None and hit[1] == tuple(x.shape):
+        return hit[0]
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _shardings(cfg: model_lib.Config, mode: str, mesh, trainable, frozen, opt_shapes):
+  """NamedShardings of (state, frozen)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_sh = sharding.param_shardings(cfg, mesh)
+  if mode == "full":
+    trainable_sh, frozen_sh = {"params": params_sh}, {}
+  else:
+    lora_sh = sharding.lora_shardings(cfg, mesh)
+    trainable_sh, frozen_sh = {"lora": lora_sh["lora"]}, {"params": params_sh}
+    if "lora_init" in frozen:
+      frozen_sh["lora_init"] = lora_sh["lora_init"]
+  with_shapes = jax.tree_util.tree_map(lambda s, x: (s, tuple(x.shape)), trainable_sh, trainable)
+  state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=_like_params(opt_shapes, with_shapes, replicated),
+                  rng=replicated)
+  return state_sh, frozen_sh
+
+
+# ---- The loop -------------------------------------------------------------------------------------------------
+
+class _Sigterm:
+  """Turns SIGTERM (a preemption notice) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batch_iterator(batches, start: int):
+  """`batches(start_step)` when callable (e.g. data.train_batches via functools.partial), else skips `start`."""
+  if callable(batches):
+    return iter(batches(start))
+  return itertools.islice(iter(batches), start, None)
+
+
+def _check_batch(local: dict, rows: int, step: int):
+  for name in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
+    if name not in local:
+      raise ValueError(f"batch for step {step + 1} has no {name!r} (keys: {sorted(local)}); batches need the "
+                       f"seqio.DecoderFeatureConverter features")
+  got = np.shape(local["decoder_input_tokens"])[0]
+  if got != rows:
+    raise ValueError(f"batch for step {step + 1} has {got} rows; TrainConfig.batch_size "
+                     f"{rows * jax.process_count()} over {jax.process_count()} process(es) needs {rows} per process")
+
+
+@gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables"])
+def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Iterable | Callable[[int], Iterable],
+          data_fingerprint: str, run_dir: str, *, base_path: str | None = None, lora_variables: dict | None = None,
+          evaluate: Callable[[int, dict], dict] | None = None, eval_batches: Iterable | Callable | None = None,
+          final_eval: Callable[[int, dict], dict] | None = None, mesh=None, stream=None) -> TrainResult:
+  """Trains, evaluating every `eval_every` steps, and resumes from run_dir/checkpoints when there are any.
+
+  Args:
+    params: the base model's parameters (the frozen θ_τ in peft mode; the starting point in full mode).
+    batches: per-host batches in order; a callable gets the number of batches already consumed (resume).
+    data_fingerprint: identity of the training data (data.fingerprint); a resume with another one is an error.
+    base_path: where `params` came from; checkpoints reference it instead of copying the base.
+    lora_variables: initial LoRA collections (default: lora.init with the run's seed).
+    evaluate: (step, variables) -> {name: value}, logged as eval/<name>; with eval_batches' loss (eval/loss) it
+      ranks checkpoints by TrainConfig.best_metric.
+    final_eval: (step, variables) -> {name: value}, called once on the selected (best) checkpoint, logged as
+      test/<name>.
+  """
+  if tcfg.mode == "full" and model_cfg.lora is not None:
+    raise ValueError("TrainConfig.mode='full' trains every base parameter: set the model config's lora to None")
+  if tcfg.mode == "peft" and model_cfg.lora is None:
+    raise ValueError("TrainConfig.mode='peft' needs a model config with lora=LoraConfig(...)")
+  cfg = dataclasses.replace(model_cfg, dtype=tcfg.compute_dtype) if tcfg.compute_dtype else model_cfg
+  model = model_lib.Transformer(cfg)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  log = train_log.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)
+  for notice in checkpoint.recover_partial(run_dir):
+    log.text(notice)
+  mgr = checkpoint.manager(run_dir, tcfg.keep, tcfg.best_mode)
+
+  # The fresh state, built under jit straight into its shards. The caller's arrays are copied, never aliased:
+  # the step donates (frees) the state it is given.
+  params = nn.meta.unbox(params)
+  key_lora, key_rng = jax.random.split(jax.random.PRNGKey(tcfg.seed))
+  collections = None
+  if tcfg.mode == "peft":
+    collections = lora_variables or sharding.init_lora_sharded(cfg, params, key_lora, mesh)
+  trainable, frozen = split_variables(tcfg.mode, params, collections)
+  tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable)
+  lr_fn = optim_lib.schedule(tcfg.optim, tcfg.num_steps)
+  state_sh, frozen_sh = _shardings(cfg, tcfg.mode, mesh, trainable, frozen, jax.eval_shape(tx.init, trainable))
+  trainable = jax.device_put(trainable, state_sh["trainable"], may_alias=False)
+  frozen = jax.device_put(frozen, frozen_sh)
+  state = jax.device_put(dict(step=np.zeros((), np.int32), trainable=trainable, opt_state=None, rng=key_rng),
+                         dict(state_sh, opt_state=None))
+  state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["trainable"])
+
+  base = checkpoint.base_reference(model_cfg, base_path)
+  identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
+                  base_config_fingerprint=base["config_fingerprint"])
+  best = None
+  latest = mgr.latest_step()
+  if latest is not None:
+    where = f"{mgr.directory}/{latest}"
+    meta = checkpoint.read_meta(mgr, latest)
+    checkpoint.check_resume(meta["identity"], identity, where)
+    if meta["base"]["path"] != base["path"]:
+      log.text(f"note: the checkpoint's base was {meta['base']['path']!r}, this run loads {base['path']!r} "
+               f"(same config fingerprint {base['config_fingerprint']})")
+    state, meta = checkpoint.restore(mgr, latest, checkpoint.abstract(state, state_sh))
+    best = meta["best"]
+    log.text(f"resumed from {where}: step {latest}, data position {meta['data_position']} batches")
+  elif jax.process_index() == 0:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:
+      json.dump(dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(model_cfg), base=base,
+                     data_fingerprint=data_fingerprint), f, indent=1, default=str)
+  if jax.process_index() == 0:
+    log.text(lora_lib.summary(state["trainable"], frozen))
+
+  step_fn = functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, lr_fn=lr_fn)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, tcfg=tcfg))
+  compiled = {}
+
+  def run_step(state, local):
+    batch = sharding.global_batch(local, mesh)
+    if "fn" not in compiled:  # shardings of the batch are known once its keys and ranks are
+      batch_sh = {k: v.sharding for k, v in batch.items()}
+      compiled["fn"] = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                               out_shardings=(state_sh, None), donate_argnums=(0,))
+    with sharding.activation_rules(mesh):
+      return compiled["fn"](state, frozen, batch)
+
+  def save(step, state, best_value=None):
+    meta = dict(step=step, data_position=step, identity=identity, base=base, best=best)
+    checkpoint.save(mgr, step, state, meta, best_value)
+
+  def run_eval(step, state) -> float:
+    nonlocal best
+    variables = {**frozen, **state["trainable"]}
+    metrics = {}
+    if eval_batches is not None:
+      nll, weight = 0.0, 0.0
+      with sharding.activation_rules(mesh):
+        for local in (eval_batches() if callable(eval_batches) else eval_batches):
+          n, w = eval_fn(state["trainable"], frozen, sharding.global_batch(local, mesh))
+          nll, weight = nll + float(n), weight + float(w)
+      metrics["eval/loss"] = nll / max(weight, 1e-9)
+    if evaluate is not None:
+      metrics.update({f"eval/{k}": float(v) for k, v in evaluate(step, variables).items()})
+    if tcfg.best_metric not in metrics:
+      raise ValueError(f"TrainConfig.best_metric {tcfg.best_metric!r} is not among the evaluation's metrics "
+                       f"{sorted(metrics)}")
+    value = metrics[tcfg.best_metric]
+    better = (best is None or (math.isfinite(value) and (
+        not math.isfinite(best["value"]) or (value > best["value"] if tcfg.best_mode == "max"
+                                             else value < best["value"]))))
+    if better:
+      best = dict(metric=tcfg.best_metric, step=step, value=value)
+    log.scalars(step, metrics)
+    log.text(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) +
+             f" (best {best['metric']} {best['value']:.4f} at step {best['step']})")
+    return value
+
+  sigterm = _Sigterm()
+  step = int(state["step"])
+  has_eval = evaluate is not None or eval_batches is not None
+  try:
+    if latest is None and tcfg.eval_at_start and has_eval:
+      save(0, state, run_eval(0, state))
+    it = _batch_iterator(batches, step)
+    rows = tcfg.batch_size // jax.process_count()
+    t_prev = time.perf_counter()
+    while step < tcfg.num_steps:
+      local = next(it, None)
+      if local is None:
+        raise ValueError(f"the training batches ran out after {step} steps; num_steps is {tcfg.num_steps}")
+      _check_batch(local, rows, step)
+      state, metrics = run_step(state, local)
+      loss = float(metrics["loss"])  # waits for the step; a non-finite loss must never reach a checkpoint
+      step += 1
+      if not math.isfinite(loss):
+        last = mgr.latest_step()
+        raise FloatingPointError(
+            f"loss is {loss} at step {step} (the update from step {step - 1}); stopped without saving it. "
+            f"The last good checkpoint is " + (f"{mgr.directory}/{last}" if last is not None else "none"))
+      now = time.perf_counter()
+      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars["step_time_s"] = now - t_prev
+        scalars["tokens_per_s"] = np.size(local["decoder_input_tokens"]) * jax.process_count() / (now - t_prev)
+        log.scalars(step, scalars)
+        log.progress(step, scalars)
+      t_prev = now
+      value = None
+      if has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.num_steps):
+        value = run_eval(step, state)
+      if value is not None or step % tcfg.save_every == 0 or step == tcfg.num_steps or sigterm.received:
+        save(step, state, value)
+      if sigterm.received:
+        log.text(f"SIGTERM: saved {mgr.directory}/{step}; stopping (restart in the same run directory to resume)")
+        return TrainResult(step, True, best, None, state["trainable"], frozen)
+    if mgr.latest_step() != step:  # resumed after the end, or a save was skipped
+      save(step, state)
+    test_metrics = None
+    if final_eval is not None:
+      chosen, chosen_state = (best["step"] if best is not None else step), state
+      if chosen != step:
+        chosen_state, _ = checkpoint.restore(mgr, chosen, checkpoint.abstract(state, state_sh))
+      variables = {**frozen, **chosen_state["trainable"]}
+      test_metrics = {k: float(v) for k, v in final_eval(chosen, variables).items()}
+      log.scalars(chosen, {f"test/{k}": v for k, v in test_metrics.items()})
+      log.text(f"test (checkpoint of step {chosen}): " +
+               ", ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items())))
+    return TrainResult(step, False, best, test_metrics, state["trainable"], frozen)
+  finally:
+    sigterm.restore()
+    log.close()
+    mgr.close()
