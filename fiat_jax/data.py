@@ -341,7 +341,18 @@ def train_batches(task_or_mixture: str, split: str, feature_lengths: Mapping[str
                   batch_size: int, *, seed: int, shard_index: int = 0, num_shards: int = 1,
                   start_step: int = 0, pack: bool = False, bos_id: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite per-host batches of seqio.DecoderFeatureConverter features (prefix LM).
+  """Infinite per-host batches of a registered task's split (feature_batches over its tokenized examples)."""
+  return feature_batches(_tokenized(task_or_mixture, split), feature_lengths, batch_size, seed=seed,
+                         shard_index=shard_index, num_shards=num_shards, start_step=start_step, pack=pack,
+                         bos_id=bos_id, where=f'{task_or_mixture} {split}')
+
+
+def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapping[str, int], batch_size: int,
+                    *, seed: int, shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
+                    pack: bool = False, bos_id: int = 0, where: str = 'examples'
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite per-host batches of seqio.DecoderFeatureConverter features (prefix LM) from token examples
+  ({'id'?, 'inputs', 'targets'} id lists).
 
   batch_size is this host's. Reshuffled every epoch from seed; deterministic; start_step
   skips exactly that many batches (resume).
@@ -350,14 +361,13 @@ def train_batches(task_or_mixture: str, split: str, feature_lengths: Mapping[str
     raise ValueError(f'shard_index={shard_index} not in [0, num_shards={num_shards})')
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}')
-  examples = _tokenized(task_or_mixture, split)
-  too_long = [ex for ex in examples if len(ex['inputs']) > feature_lengths['inputs']
+  too_long = [i for i, ex in enumerate(examples) if len(ex['inputs']) > feature_lengths['inputs']
               or len(ex['targets']) > feature_lengths['targets']]
   if too_long:
-    ex = too_long[0]
+    ex = examples[too_long[0]]
     raise readers.DataError(
-        f'{task_or_mixture} {split}: {len(too_long)} examples longer than feature_lengths '
-        f'{dict(feature_lengths)} (first: {ex["id"]}, inputs {len(ex["inputs"])}, targets '
+        f'{where}: {len(too_long)} examples longer than feature_lengths '
+        f'{dict(feature_lengths)} (first: {ex.get("id", too_long[0])}, inputs {len(ex["inputs"])}, targets '
         f'{len(ex["targets"])} tokens); register with inputs_length to cut passages, or raise them')
   start = 0 if pack else start_step * batch_size
 

@@ -1,0 +1,634 @@
+"""`fiat train | evaluate | infer`: the gin entry points that put FIAT together.
+
+Algorithm 1 (building), in `build`: generate_rationales (β, stored once) -> format_with_i_tau (the seqio task of
+the recipe) -> train.train (the gradient w.r.t. the PEFT parameters only) -> lora.merge when τ is exported.
+Algorithm 2 (inference), in `infer`: β's rationale (from the store, else from the backend) -> format_with_i_tau ->
+greedy decoding with the merged θ'_τ -> answer and score.
+"""
+import argparse
+import dataclasses
+import importlib.metadata
+import importlib.util  # gin's include resolution needs it imported
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Optional, Sequence
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import seqio
+
+from fiat_jax import data
+from fiat_jax import decoding
+from fiat_jax import lora as lora_lib
+from fiat_jax import model as model_lib
+from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
+from fiat_jax import readers
+from fiat_jax import train
+from fiat_jax.beta import backends
+from fiat_jax.beta import run as beta_run
+from fiat_jax.beta import store
+import tasks
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin_configs')
+TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
+METRICS_FILE = 'metrics.json'
+
+
+# ---- What a run is -------------------------------------------------------------------------------------------
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """FIAT's ingredients (FIDELITY.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
+  method: str = 'tau'  # tau: train τ | icl: β's few-shot CoT answers, nothing trained
+  rationale: str = 'input'  # input: [I_τ; x; ŷ_β] | none | distilled: a second training target (Hsieh et al.)
+  instruction: bool = True  # instruction-augmented tuning (I_τ)
+  peft: bool = True  # LoRA only; False: every base parameter trains
+  instruction_tuned_base: bool = True
+
+  def __post_init__(self):
+    if self.method not in ('tau', 'icl'):
+      raise ValueError(f'Recipe.method: {self.method!r} is not tau or icl')
+    if self.rationale not in ('input', 'none', 'distilled'):
+      raise ValueError(f'Recipe.rationale: {self.rationale!r} is not input, none or distilled')
+    if self.rationale == 'distilled' and not self.instruction:
+      raise ValueError('Recipe: rationale=distilled needs instruction=True (data.py formats it with I_tau)')
+
+  @property
+  def data_recipe(self) -> str:
+    """The task suffix data.register_tasks formats for these ingredients."""
+    if self.rationale == 'distilled':
+      return 'distilled_cot'
+    return {('input', True): 'fiat', ('none', True): 'no_cot', ('input', False): 'no_instruction',
+            ('none', False): 'finetune'}[(self.rationale, self.instruction)]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One row of a table: the data set, the run's name and where things live."""
+  dataset: Optional[str] = None  # xor_attriqa | xtreme_up_xqa
+  mixture: Optional[str] = None  # task prefix: xor_attriqa, xtreme_up_xqa_indic, xtreme_up_xqa_full
+  setting: Optional[str] = None  # report column: xor_attriqa | xtreme_up_indic | xtreme_up_full | miniature
+  row: Optional[str] = None  # report row: icl, finetune, fiat, wo_cot, wo_instruction, wo_peft, distilled_cot
+  tau_size: Optional[str] = None  # XS | S (None for ICL)
+  name: Optional[str] = None  # run folder name
+  data_dir: Optional[str] = None
+  runs_root: Optional[str] = None  # the run writes runs_root/setting/name
+  store_dir: Optional[str] = None  # the rationale store shared by every run of a data set
+  languages: Optional[Sequence[str]] = None
+  inputs_length: int = 1024
+  targets_length: int = 32
+  max_decode_tokens: int = 32
+  eval_split: str = 'validation'
+  test_split: str = 'test'
+  max_eval_examples: Optional[int] = None  # per language, for the evaluations during training
+  eval_batch_size: int = 16
+  bos_id: int = 0  # the first decoder input token (seqio.DecoderFeatureConverter's bos_id)
+  bootstrap: int = 1000
+  seed: int = 0
+
+  def require(self, *fields):
+    for f in fields:
+      if getattr(self, f) in (None, ''):
+        raise ValueError(f'Experiment.{f} is not set: bind --gin.Experiment.{f}=... (or the macro the run '
+                         f'file names for it)')
+
+  @property
+  def run_dir(self) -> str:
+    self.require('runs_root', 'setting', 'name')
+    return os.path.join(self.runs_root, self.setting, self.name)
+
+
+@gin.configurable
+def peft_config(rank: int = 8, alpha: float = 16.0, targets=lora_lib.DENSE_TARGETS, dropout: float = 0.0,
+                rslora: bool = False, variant: str = 'lora') -> lora_lib.LoraConfig:
+  """θ_PEFT's shape (LoRA and its variants, lora.py)."""
+  return lora_lib.LoraConfig(rank, alpha, tuple(targets), dropout, rslora, variant)
+
+
+@gin.configurable
+def byte_vocabulary() -> seqio.Vocabulary:
+  return seqio.ByteVocabulary()
+
+
+@gin.configurable
+def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
+  """A SentencePiece model file (e.g. a checkpoint's tokenizer.model) as a seqio vocabulary."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'sentencepiece_vocabulary.path: {path} not found')
+  return seqio.SentencePieceVocabulary(path)
+
+
+@gin.configurable
+def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
+              vocabulary: Optional[seqio.Vocabulary] = None, tiny: bool = False, dtype: Optional[str] = None,
+              seed: int = 0):
+  """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
+
+  Args:
+    instruction_tuned / base: checkpoint directories of the instruction-tuned and the plain τ.
+    use_base: take `base` (the recipe's instruction_tuned_base=False).
+  """
+  vocabulary = vocabulary or byte_vocabulary()
+  if tiny:
+    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size)
+    key = jax.random.PRNGKey(seed + (1 if use_base else 0))
+    return cfg, nn.meta.unbox(model_lib.init_params(cfg, key)), vocabulary, f'tiny-random-{int(use_base)}'
+  path = base if use_base else instruction_tuned
+  if not path:
+    which = 'base' if use_base else 'instruction_tuned'
+    raise ValueError(f'tau_model.{which} is not set: bind the τ checkpoint macro of the run file '
+                     f'(e.g. --gin.TAU_XS_{"BASE" if use_base else "IT"}=...)')
+  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
+  cfg, params = hf.load(path, dtype=dtype)
+  if cfg.vocab_size < vocabulary.vocab_size:
+    raise ValueError(f'{path}: the model has {cfg.vocab_size} embeddings but the vocabulary has '
+                     f'{vocabulary.vocab_size} ids: bind tau_model.vocabulary to the checkpoint\'s tokenizer')
+  return cfg, params, vocabulary, path
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Beta:
+  """β and I_β: the backend (None: use what the store holds) and the prompt files (None: tasks/prompts/)."""
+  backend: object = None
+  instruction_file: Optional[str] = None
+  exemplars_file: Optional[str] = None
+
+
+# ---- Decoding-based evaluation: greedy decode -> task postprocess -> metrics; label-word scores for AUC-PR ----
+
+def decode(model, variables, vocab, examples: list[dict], dataset: str, *, max_decode_tokens: int,
+           batch_size: int, bos_id: int) -> dict:
+  """τ's postprocessed answers and scores: logp(yes) - logp(no) (XOR-AttriQA), else the answer's logprob."""
+  definition = tasks.definition(dataset)
+  prompts = [[bos_id] + list(ex['inputs']) for ex in examples]
+  res = decoding.generate(model, variables, prompts, max_new_tokens=max_decode_tokens, eos_id=vocab.eos_id,
+                          pad_id=vocab.pad_id, batch_size=batch_size)
+  raw = [vocab.decode(t) for t in res.tokens]
+  if dataset == 'xor_attriqa':
+    label = lambda word: list(vocab.encode(word)) + [vocab.eos_id]
+    yes = decoding.score(model, variables, prompts, [label('yes')] * len(prompts), vocab.pad_id, batch_size)
+    no = decoding.score(model, variables, prompts, [label('no')] * len(prompts), vocab.pad_id, batch_size)
+    scores = [float(y - n) for y, n in zip(yes, no)]
+  else:
+    scores = [float(sum(lp)) for lp in res.logprobs]
+  return {'predictions': [definition.postprocess(r) for r in raw], 'raw': raw, 'scores': scores}
+
+
+def evaluate(model, variables, vocab, examples: list[dict], dataset: str, *, max_decode_tokens: int,
+             batch_size: int, bos_id: int, bootstrap: int, seed: int) -> dict:
+  """decode + the task's metrics (metrics.py) with per-language tables and bootstrap intervals."""
+  from fiat_jax import metrics  # pylint: disable=g-import-not-at-top
+  out = decode(model, variables, vocab, examples, dataset, max_decode_tokens=max_decode_tokens,
+               batch_size=batch_size, bos_id=bos_id)
+  langs = [ex['language'] for ex in examples]
+  kw = dict(seed=seed, n_resamples=max(bootstrap, 1))
+  if dataset == 'xor_attriqa':
+    labels = [ex['example']['label'] for ex in examples]
+    words = (metrics.POSITIVE_LABEL, metrics.NEGATIVE_LABEL)
+    unparsed = sum(p not in words for p in out['predictions'])
+    preds = [p == metrics.POSITIVE_LABEL if p in words else not y for p, y in zip(out['predictions'], labels)]
+    result = metrics.score_xor_attriqa(labels, preds, langs, out['scores'], **kw)
+  else:
+    unparsed = sum(not p for p in out['predictions'])
+    result = metrics.score_xtreme_up([ex['example']['target'] for ex in examples], out['predictions'], langs, **kw)
+  return dict(out, result=result, unparsed=unparsed)
+
+
+def flat(result: dict) -> dict:
+  """The headline numbers of a metrics.score_* result as {name: float} (what the trainer logs)."""
+  if result.get('task') == 'xor_attriqa':
+    out = {k.replace('_mean_over_languages', ''): v['value'] for k, v in result['headline'].items() if v}
+  else:
+    out = {'f1': (result.get('headline') or {}).get('value', result['mean_over_languages']['f1']),
+           'f1_all_languages': result['mean_over_languages']['f1'], 'em': result['mean_over_languages']['em']}
+  return {k: float(v) for k, v in out.items()}
+
+
+def headline(out: dict) -> dict:
+  test = out.get('test')
+  return {'run': out.get('experiment', {}).get('name'), **(flat(test) if test else {}), 'best': out.get('best')}
+
+
+def finite(tree):
+  """NaN (an undefined figure) as null in JSON files."""
+  if isinstance(tree, dict):
+    return {k: finite(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [finite(v) for v in tree]
+  if isinstance(tree, (float, np.floating)):
+    return None if np.isnan(tree) else float(tree)
+  return tree
+
+
+def write_predictions(path: str, examples: list[dict], out: dict) -> None:
+  """One line per example: id, language, prediction, target, score (the report's bootstrap input)."""
+  if jax.process_index() != 0:
+    return
+  with open(path, 'w', encoding='utf-8') as f:
+    for ex, pred, score in zip(examples, out['predictions'], out['scores']):
+      f.write(json.dumps({'id': ex['id'], 'language': ex['language'], 'prediction': pred,
+                          'target': ex['targets_pretokenized'], 'score': score}, ensure_ascii=False) + '\n')
+
+
+def replace_rationales(examples: list[dict], rationales: list[str], variant: str, seed: int) -> list[str]:
+  """'empty': no rationale; 'shuffled': each example gets another example's rationale of its language."""
+  if variant == 'empty':
+    return [''] * len(rationales)
+  if variant != 'shuffled':
+    raise ValueError(f'rationales={variant!r}: expected stored, empty or shuffled')
+  rng = np.random.default_rng(seed)
+  out = list(rationales)
+  by_lang = {}
+  for i, ex in enumerate(examples):
+    by_lang.setdefault(ex['language'], []).append(i)
+  for idx in by_lang.values():
+    if len(idx) > 1:  # a cyclic shift of a permutation: nobody keeps their own
+      perm = rng.permutation(idx)
+      for a, b in zip(perm, np.roll(perm, 1)):
+        out[a] = rationales[b]
+  return out
+
+
+# ---- Algorithm 1 ---------------------------------------------------------------------------------------------
+
+def generate_rationales(exp: Experiment, beta: Beta, splits: Sequence[str]) -> Optional[dict]:
+  """ŷ_β = argmax P(y | x; θ_β, I_β) for every example of `splits`, appended once to the shared store."""
+  exp.require('dataset', 'data_dir', 'store_dir')
+  if beta.backend is None:
+    if not os.path.isdir(exp.store_dir):
+      raise ValueError(f'{exp.store_dir}: no rationale store, and Beta.backend is not set to ask β: run '
+                       f'`fiat rationales` first or bind Beta.backend')
+    return None
+  result = beta_run.rationales(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
+                               beta=beta.backend, splits=tuple(splits), languages=exp.languages,
+                               instruction_file=beta.instruction_file, exemplars_file=beta.exemplars_file,
+                               progress=False)
+  if result['failed'] or result['pending']:
+    raise RuntimeError(f'rationales: {result["failed"]} failed and {result["pending"]} pending examples in '
+                       f'{exp.store_dir}; rerun to retry them (stored ones are not asked again)')
+  return result
+
+
+def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) -> str:
+  """Registers the seqio task that formats [I_τ ; x ; ŷ_β] -> y for the recipe; returns its mixture name."""
+  exp.require('dataset', 'mixture', 'data_dir')
+  needs_store = recipe.rationale != 'none'
+  data.register_tasks(exp.dataset, exp.data_dir, vocab, exp.store_dir if needs_store else None,
+                      recipes=(recipe.data_recipe,), languages=exp.languages, inputs_length=exp.inputs_length)
+  return f'{exp.mixture}_{recipe.data_recipe}'
+
+
+def merge(model_cfg: model_lib.Config, variables: dict):
+  """θ'_τ = θ_τ ⊕ θ_PEFT (nothing to merge after full fine-tuning): (merged params, their config)."""
+  if model_cfg.lora is None:
+    return variables['params'], model_cfg
+  return lora_lib.merge(model_cfg, variables['params'], variables)
+
+
+def _scores_fn(exp: Experiment, model, vocab, split_examples):
+  """evaluate(step, variables) for the trainer: decoding-based metrics on a split, flattened to numbers."""
+  def evaluate_fn(step, variables):
+    del step
+    out = evaluate(model, variables, vocab, split_examples, exp.dataset,
+                              max_decode_tokens=exp.max_decode_tokens, batch_size=exp.eval_batch_size,
+                              bos_id=exp.bos_id, bootstrap=0, seed=exp.seed)
+    return flat(out['result'])
+  return evaluate_fn
+
+
+def _subsample(examples: list[dict], per_language: Optional[int], seed: int) -> list[dict]:
+  if per_language is None:
+    return examples
+  rng = np.random.default_rng(seed)
+  by_lang = {}
+  for ex in examples:
+    by_lang.setdefault(ex['language'], []).append(ex)
+  keep = set()
+  for rows in by_lang.values():
+    idx = rng.permutation(len(rows))[:per_language]
+    keep.update(id(rows[i]) for i in idx)
+  return [ex for ex in examples if id(ex) in keep]
+
+
+@gin.configurable(denylist=['exp', 'recipe'])
+def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=None) -> dict:
+  """Algorithm 1 for one recipe (or the ICL baseline): writes run_dir/metrics.json and returns it."""
+  beta = beta or Beta()
+  run_dir = exp.run_dir
+  os.makedirs(run_dir, exist_ok=True)
+  write_provenance(run_dir)
+  if recipe.method == 'icl':
+    logging.info('ICL: nothing to train; β answers the %s split alone', exp.test_split)
+    generate_rationales(exp, beta, (exp.test_split,))
+    result = beta_run.icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
+                                   split=exp.test_split, languages=exp.languages)
+    return write_metrics(run_dir, exp, recipe, {'test': result})
+
+  if recipe.rationale != 'none':  # Algorithm 1: generate expansions, explanations, reasoning.
+    generate_rationales(exp, beta, readers.SPLITS)
+  cfg, params, vocab, path = tau_model(use_base=not recipe.instruction_tuned_base)
+  task = format_with_i_tau(exp, recipe, vocab)
+  tcfg = tcfg or train.TrainConfig()
+  tcfg = dataclasses.replace(tcfg, mode='peft' if recipe.peft else 'full', seed=exp.seed)
+  model_cfg = dataclasses.replace(cfg, lora=peft_config() if recipe.peft else None)
+  model = model_lib.Transformer(model_cfg)
+  lengths = {'inputs': exp.inputs_length, 'targets': exp.targets_length}
+  rows = tcfg.batch_size // jax.process_count()
+  batches = lambda start: data.train_batches(task, 'train', lengths, rows, seed=exp.seed,
+                                             shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                             start_step=start, bos_id=exp.bos_id)
+  val = _subsample(data.eval_examples(task, exp.eval_split), exp.max_eval_examples, exp.seed)
+  test = data.eval_examples(task, exp.test_split)
+  final = {}
+
+  def final_eval(step, variables):
+    out = evaluate(model, variables, vocab, test, exp.dataset, max_decode_tokens=exp.max_decode_tokens,
+                              batch_size=exp.eval_batch_size, bos_id=exp.bos_id, bootstrap=exp.bootstrap,
+                              seed=exp.seed)
+    final.update(out, step=step)
+    return flat(out['result'])
+
+  res = train.train(tcfg, model_cfg, params, batches, data.fingerprint(task, 'train'), run_dir, base_path=path,
+                    evaluate=_scores_fn(exp, model, vocab, val), final_eval=final_eval)
+  if res.preempted:
+    logging.warning('preempted at step %d: rerun the same command to resume', res.step)
+    return {'preempted': True, 'step': res.step}
+  save_trainable(run_dir, jax.device_get(res.trainable))
+  write_predictions(os.path.join(run_dir, f'predictions_{exp.test_split}.jsonl'), test, final)
+  return write_metrics(run_dir, exp, recipe, {
+      'test': final['result'], 'best': res.best, 'steps': res.step, 'task': task,
+      'truncation': data.truncation_stats(task, exp.test_split), 'unparsed': final['unparsed']})
+
+
+# ---- Run directory files ---------------------------------------------------------------------------------------
+
+def package_version() -> str:
+  try:
+    return importlib.metadata.version('fiat-jax')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown (fiat-jax is not installed; run from a source tree)'
+
+
+def write_provenance(run_dir: str) -> None:
+  """The resolved gin config and the versions, next to the results."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
+    f.write(gin.config_str())
+  with open(os.path.join(run_dir, 'version.json'), 'w', encoding='utf-8') as f:
+    json.dump({'fiat_jax': package_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+               'python': platform.python_version(), 'time': time.time()}, f, indent=1)
+
+
+def write_metrics(run_dir: str, exp: Experiment, recipe: Recipe, results: dict) -> dict:
+  out = {'experiment': dataclasses.asdict(exp), 'recipe': dataclasses.asdict(recipe), **results}
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, METRICS_FILE), 'w', encoding='utf-8') as f:
+      json.dump(finite(out), f, indent=1, ensure_ascii=False, default=str)
+    with open(os.path.join(run_dir, 'operative_config.gin'), 'w', encoding='utf-8') as f:
+      f.write(gin.operative_config_str())
+  return out
+
+
+def save_trainable(run_dir: str, trainable: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, TRAINABLE_FILE), 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, trainable)))
+
+
+def load_tau(exp: Experiment, recipe: Recipe):
+  """θ_τ plus the run's trained variables: (model_cfg, variables, vocab)."""
+  path = os.path.join(exp.run_dir, TRAINABLE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no trained τ in this run directory; run `fiat train` with the same '
+                            f'gin files first')
+  cfg, params, vocab, _ = tau_model(use_base=not recipe.instruction_tuned_base)
+  with open(path, 'rb') as f:
+    trained = flax.serialization.msgpack_restore(f.read())
+  if recipe.peft:
+    cfg = dataclasses.replace(cfg, lora=peft_config())
+    variables = {'params': params, **trained}
+  else:
+    variables = trained
+  return cfg, variables, vocab
+
+
+# ---- `fiat evaluate`: a trained run on a split; the rationale-reliance analysis --------------------------------
+
+@gin.configurable(denylist=['exp', 'recipe'])
+def evaluate_run(exp: Experiment, recipe: Recipe, split: str = 'test', rationales: str = 'stored') -> dict:
+  """Scores a trained run on `split`; rationales 'empty' / 'shuffled' (another example's, same language)
+  measure how much τ leans on β. Writes run_dir/metrics_{split}_{rationales}.json."""
+  if recipe.method == 'icl':
+    return beta_run.icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir, split=split,
+                                 languages=exp.languages)
+  if rationales != 'stored' and recipe.rationale != 'input':
+    raise ValueError(f'evaluate_run.rationales={rationales!r} needs a recipe with rationales as inputs')
+  cfg, variables, vocab = load_tau(exp, recipe)
+  model = model_lib.Transformer(cfg)
+  if rationales == 'stored':
+    examples = data.eval_examples(format_with_i_tau(exp, recipe, vocab), split)
+  else:
+    raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
+    stored = store.latest_by_example(exp.store_dir, split) if exp.store_dir else {}
+    texts = data.attach_rationales(raw, stored, f'{exp.store_dir} {split}')
+    texts = replace_rationales(raw, texts, rationales, exp.seed)
+    examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(raw, texts)]
+  out = evaluate(model, variables, vocab, examples, exp.dataset, max_decode_tokens=exp.max_decode_tokens,
+                            batch_size=exp.eval_batch_size, bos_id=exp.bos_id, bootstrap=exp.bootstrap,
+                            seed=exp.seed)
+  result = {'split': split, 'rationales': rationales, 'result': out['result'], 'unparsed': out['unparsed']}
+  with open(os.path.join(exp.run_dir, f'metrics_{split}_{rationales}.json'), 'w', encoding='utf-8') as f:
+    json.dump(finite(result), f, indent=1, ensure_ascii=False)
+  return result
+
+
+def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale: Optional[str]) -> dict:
+  """One canonical example formatted for τ as data.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
+  definition = tasks.definition(exp.dataset)
+  i_tau = data.load_i_tau(exp.dataset) if recipe.instruction else None
+  render = lambda p: data.format_inputs(exp.dataset, example, recipe.data_recipe, i_tau, rationale, passage=p)
+  text, _ = data.truncate_passage(render, example[definition.PASSAGE_FIELD], vocab, exp.inputs_length,
+                                  f'example {example["id"]}')
+  if recipe.rationale == 'distilled':
+    text = data.LABEL_PREFIX + text
+  target = definition.target(example) if ('label' in example or 'target' in example) else None
+  return {'id': example['id'], 'language': example['language'], 'inputs': vocab.encode(text),
+          'inputs_pretokenized': text, 'targets_pretokenized': target, 'example': example}
+
+
+# ---- Algorithm 2: `fiat infer` -------------------------------------------------------------------------------
+
+def read_inputs(path: str, dataset: str) -> list[dict]:
+  """JSON lines with the canonical input fields (+ language, optional id); errors name the line and field."""
+  fields = [f for f, _ in tasks.definition(dataset).FIELDS]
+  rows = []
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        ex = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise readers.DataError(f'{path}:{line_no}: malformed JSON ({e.msg})') from None
+      if not isinstance(ex, dict):
+        raise readers.DataError(f'{path}:{line_no}: expected a JSON object')
+      for field in fields + ['language']:
+        if not isinstance(ex.get(field), str) or not ex[field].strip():
+          raise readers.DataError(f'{path}:{line_no}: field {field!r}: missing or not a non-empty string')
+      if ex['language'] not in readers.LANGUAGES[dataset]:
+        raise readers.DataError(f'{path}:{line_no}: field \'language\': unknown language {ex["language"]!r} '
+                                f'for {dataset}')
+      ex.setdefault('id', readers.example_id(line.rstrip('\r\n')))
+      ex['id'] = str(ex['id'])
+      rows.append(ex)
+  if not rows:
+    raise readers.DataError(f'{path}: no input lines')
+  return rows
+
+
+@gin.configurable(denylist=['exp', 'recipe'])
+def infer(exp: Experiment, recipe: Recipe, input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED,
+          beta: Optional[Beta] = None, split: str = 'infer') -> dict:
+  """Algorithm 2: y = argmax P(y | x, ŷ_β; θ'_τ, I_τ) for each input line; β asked only for unstored inputs."""
+  beta = beta or Beta()
+  inputs = read_inputs(input_file, exp.dataset)
+  rationales, sources = [None] * len(inputs), [None] * len(inputs)
+  if recipe.rationale == 'input':
+    stored = store.latest_by_example(exp.store_dir) if exp.store_dir and os.path.isdir(exp.store_dir) else {}
+    for i, ex in enumerate(inputs):
+      if ex['id'] in stored:
+        rationales[i], sources[i] = stored[ex['id']]['rationale'], 'store'
+    todo = [i for i, r in enumerate(rationales) if r is None]
+    if todo:
+      asked = ask_beta(exp, beta, [inputs[i] for i in todo], split)
+      for i, r in zip(todo, asked):
+        rationales[i], sources[i] = r, 'beta'
+  cfg, variables, vocab = load_tau(exp, recipe)
+  merged, merged_cfg = merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
+  model = model_lib.Transformer(merged_cfg)
+  examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
+  out = decode(model, {'params': merged}, vocab, examples, exp.dataset,
+                          max_decode_tokens=exp.max_decode_tokens, batch_size=exp.eval_batch_size, bos_id=exp.bos_id)
+  os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+  with open(output_file, 'w', encoding='utf-8') as f:
+    for ex, r, src, pred, score in zip(inputs, rationales, sources, out['predictions'], out['scores']):
+      f.write(json.dumps({'id': ex['id'], 'language': ex['language'], 'rationale': r, 'rationale_source': src,
+                          'prediction': pred, 'score': score}, ensure_ascii=False) + '\n')
+  return {'n': len(inputs), 'asked_beta': sum(s == 'beta' for s in sources),
+          'from_store': sum(s == 'store' for s in sources), 'output_file': output_file}
+
+
+def ask_beta(exp: Experiment, beta: Beta, examples: list[dict], split: str) -> list[str]:
+  """β's rationales for new inputs, appended to the store (so no input is ever asked twice)."""
+  if beta.backend is None:
+    raise ValueError(f'{len(examples)} inputs have no stored rationale and Beta.backend is not set: bind it '
+                     f'(e.g. --gin.Beta.backend=@HttpBeta())')
+  train_examples = {}
+  if exp.data_dir:
+    train_examples['train'] = readers.read_split(exp.dataset, exp.data_dir, 'train', exp.languages)
+  i_beta, texts = beta_run.build_i_beta(exp.dataset, train_examples | {split: examples}, beta.instruction_file,
+                                        beta.exemplars_file)
+  sampling = backends.Sampling()
+  items = beta_run.plan(exp.dataset, {split: examples}, (split,), i_beta, texts, beta.backend.identity, sampling)
+  out = [None] * len(items)
+  store_dir = exp.store_dir or os.path.join(exp.run_dir, 'infer_store')
+  with store.ShardWriter(store_dir, jax.process_index()) as writer:
+    for i, comp in beta.backend.map([(it.messages, it.seed) for it in items], sampling):
+      record = beta_run.build_record(items[i], comp, exp.dataset, beta.backend.identity, sampling,
+                                     type(beta.backend).__name__)
+      writer.append(record)
+      if record['error'] is not None:
+        raise RuntimeError(f'β failed on input {items[i].example["id"]}: {record["error"]}')
+      out[i] = record['rationale']
+  return out
+
+
+# ---- Command lines ----------------------------------------------------------------------------------------------
+
+def parse_gin(argv: list[str], prog: str, extra=None):
+  """--gin_file (repeatable, also relative to gin_configs/) and --gin.NAME=VALUE; unknown names fail fast."""
+  ap = argparse.ArgumentParser(prog=prog)
+  ap.add_argument('--gin_file', action='append', default=[], help='repeatable; relative to gin_configs/ or cwd')
+  if extra:
+    extra(ap)
+  args, rest = ap.parse_known_args(argv)
+  bindings = [a[len('--gin.'):] for a in rest if a.startswith('--gin.')]
+  unknown = [a for a in rest if not a.startswith('--gin.')]
+  if unknown:
+    ap.error(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger().addFilter(_GinPathNoise())
+  gin.add_config_file_search_path(GIN_DIR)
+  for path in args.gin_file:
+    if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_DIR, path)):
+      raise FileNotFoundError(f'--gin_file={path}: not found (looked in the current directory and {GIN_DIR})')
+  gin.parse_config_files_and_bindings(args.gin_file, bindings)  # raises naming any unknown configurable
+  return args
+
+
+class _GinPathNoise(logging.Filter):
+  """gin logs an ERROR for every search-path location it tries before the one that holds the file."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Path not found: ')
+
+
+def _run(fn):
+  try:
+    return fn()
+  except ValueError as e:
+    if 'gin.macro' in str(e):  # an unbound %MACRO: name it plainly
+      raise ValueError(f'a required gin macro is not bound: {str(e).splitlines()[0]}') from None
+    raise
+
+
+def train_main(argv: list[str]) -> int:
+  """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE]`: Algorithm 1, metrics in the run dir."""
+  parse_gin(argv, 'fiat train')
+  out = _run(lambda: build(Experiment(), Recipe()))
+  print(json.dumps(headline(out), indent=1))
+  return 0 if not out.get('preempted') else 3
+
+
+def evaluate_main(argv: list[str]) -> int:
+  """`fiat evaluate --gin_file=<the run's files> [--reliance]`: scores the trained run again on a split."""
+  args = parse_gin(argv, 'fiat evaluate', lambda ap: ap.add_argument(
+      '--reliance', action='store_true', help='also with empty and with shuffled rationales (how much τ uses β)'))
+  exp, recipe = Experiment(), Recipe()
+  variants = ('stored', 'empty', 'shuffled') if args.reliance else (gin.query_parameter('evaluate_run.rationales')
+                                                                     if _bound('evaluate_run.rationales')
+                                                                     else 'stored',)
+  for variant in variants:
+    result = _run(lambda v=variant: evaluate_run(exp, recipe, rationales=v))
+    print(json.dumps(finite({'rationales': variant, **flat(result.get('result', result))})))
+  return 0
+
+
+def _bound(name: str) -> bool:
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
+def infer_main(argv: list[str]) -> int:
+  """`fiat infer --gin_file=<the run's files> --gin.infer.input_file=IN --gin.infer.output_file=OUT`."""
+  parse_gin(argv, 'fiat infer')
+  print(json.dumps(_run(lambda: infer(Experiment(), Recipe()))))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(train_main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""Runs a table's rows in order for one setting, sharing one rationale store (β is asked once, by the first row
+that needs it); finished rows (metrics.json present) are skipped, so a killed sweep resumes where it stopped.
+
+  python -m fiat_jax.sweep --setting=xtreme_up_indic --sizes=XS,S --table=3 --gin.DATA_DIR=... (any gin flags)
+"""
+import argparse
+import os
+import sys
+
+import gin
+
+from fiat_jax import run
+
+# FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse.
+TABLE_ROWS = {'2': ('fiat', 'icl', 'finetune'), '3': ('fiat', 'icl', 'wo_cot', 'wo_instruction', 'wo_peft', 'finetune'),
+              '4': ('fiat', 'wo_cot', 'distilled_cot')}
+
+
+def run_files(setting: str, sizes: list[str], table: str) -> list[str]:
+  """The runs/ files of a table, sizes inner, in TABLE_ROWS order (ICL once: it has no τ size)."""
+  files = []
+  for row in TABLE_ROWS[table]:
+    names = ['icl'] if row == 'icl' else [f'{size.lower()}_{row}' for size in sizes]
+    for name in names:
+      path = f'runs/{setting}/{name}.gin'
+      if not os.path.exists(os.path.join(run.GIN_DIR, path)):
+        raise FileNotFoundError(f'{path}: no such run file in {run.GIN_DIR} (table {table}, setting {setting})')
+      files.append(path)
+  return files
+
+
+def main(argv: list[str]) -> int:
+  """Runs every row; extra arguments (--gin_file, --gin.NAME=VALUE) apply to each row."""
+  ap = argparse.ArgumentParser(prog='python -m fiat_jax.sweep', description=__doc__)
+  ap.add_argument('--setting', required=True, choices=('xor_attriqa', 'xtreme_up_indic', 'xtreme_up_full'))
+  ap.add_argument('--sizes', default='XS,S')
+  ap.add_argument('--table', default='3', choices=sorted(TABLE_ROWS))
+  ap.add_argument('--force', action='store_true', help='rerun rows that already have metrics.json')
+  args, rest = ap.parse_known_args(argv)
+  done = []
+  for path in run_files(args.setting, args.sizes.split(','), args.table):
+    gin.clear_config()
+    run.parse_gin([f'--gin_file={path}'] + rest, 'sweep')
+    exp = run.Experiment()
+    if not args.force and os.path.exists(os.path.join(exp.run_dir, run.METRICS_FILE)):
+      print(f'sweep: {path}: {exp.run_dir} is finished, skipped')
+      continue
+    print(f'sweep: {path} -> {exp.run_dir}')
+    out = run.build(exp, run.Recipe())
+    if out.get('preempted'):
+      print(f'sweep: {path} was preempted; rerun the sweep to resume it')
+      return 3
+    done.append(path)
+  print(f'sweep: ran {len(done)} rows; `fiat report --runs_dir=<RUNS_DIR>` makes the tables')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

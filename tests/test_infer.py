@@ -1,0 +1,91 @@
+"""`fiat infer` (Algorithm 2): JSON lines in, β's rationale (store or backend), τ's answer and score out."""
+import dataclasses
+import json
+import os
+
+import gin
+import pytest
+
+from fiat_jax import readers
+from fiat_jax import run
+from fiat_jax.beta import store
+from test_recipes import XQA, write_store
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp('infer')
+  store_dir = write_store(root / 'store', 'xtreme_up_xqa', XQA)
+  (root / 'i_beta.txt').write_text('Reason in English, then answer.\n')
+  (root / 'exemplars.jsonl').write_text(json.dumps({
+      'id': 'ex-1', 'language': 'hi', 'question': 'Q?', 'title': 'T', 'context': 'C is 3.', 'target': '3',
+      'rationale': 'C is 3.'}) + '\n')
+  argv = ['--gin_file=runs/xtreme_up_full/xs_fiat.gin', '--gin_file=tiny.gin', f"--gin.DATA_DIR='{XQA}'",
+          f"--gin.RUNS_DIR='{root / 'runs'}'", f"--gin.STORE_DIR='{store_dir}'"]
+  gin.clear_config()
+  assert run.train_main(argv) == 0
+  gin.clear_config()
+  return root, argv + ['--gin.Beta.backend=@tiny_local_beta()', f"--gin.Beta.instruction_file='{root / 'i_beta.txt'}'",
+                       f"--gin.Beta.exemplars_file='{root / 'exemplars.jsonl'}'", '--gin.beta_sampling.max_new_tokens=8']
+
+
+def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
+  root, argv = trained
+  known = readers.read_split('xtreme_up_xqa', XQA, 'test')[:2]
+  lines = [{k: ex[k] for k in ('id', 'language', 'question', 'title', 'context')} for ex in known]
+  lines.append({'language': 'hi', 'question': 'नया प्रश्न क्या है?', 'title': 'New', 'context': 'A new passage.'})
+  inp, out = root / 'in.jsonl', root / 'out.jsonl'
+  inp.write_text(''.join(json.dumps(x, ensure_ascii=False) + '\n' for x in lines))
+  before = len(store.read_records(str(root / 'store')))
+  io = [f"--gin.infer.input_file='{inp}'", f"--gin.infer.output_file='{out}'"]
+  assert run.infer_main(argv + io) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta']
+  assert [r['id'] for r in rows[:2]] == [ex['id'] for ex in known]
+  assert rows[0]['rationale'] == f'The passage is about {known[0]["id"]}.'
+  assert all(isinstance(r['prediction'], str) and isinstance(r['score'], float) and r['score'] <= 0 for r in rows)
+  records = store.read_records(str(root / 'store'))
+  assert len(records) == before + 1 and records[-1]['split'] == 'infer' and records[-1]['error'] is None
+  gin.clear_config()
+  # Run again: the new input's rationale is now stored, β is not asked; τ's answers are the same (greedy).
+  out2 = root / 'out2.jsonl'
+  assert run.infer_main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
+  rows2 = [json.loads(line) for line in out2.read_text().splitlines()]
+  assert [r['rationale_source'] for r in rows2] == ['store', 'store', 'store']
+  assert [r['prediction'] for r in rows2] == [r['prediction'] for r in rows]
+  assert len(store.read_records(str(root / 'store'))) == before + 1
+  gin.clear_config()
+
+
+def test_infer_rejects_bad_input_naming_line_and_field(trained, tmp_path):
+  root, argv = trained
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text(json.dumps({'language': 'hi', 'question': 'q', 'title': 't', 'context': 'c'}) + '\n' +
+                 json.dumps({'language': 'hi', 'question': 'q', 'title': 't'}) + '\n')
+  gin.clear_config()
+  with pytest.raises(readers.DataError, match=r"bad.jsonl:2: field 'context'"):
+    run.infer_main(argv + [f"--gin.infer.input_file='{bad}'", f"--gin.infer.output_file='{tmp_path / 'o'}'"])
+  gin.clear_config()
+
+
+def test_merge_is_exact_for_the_trained_run(trained):
+  """Algorithm 2 runs θ'_τ = θ_τ ⊕ θ_PEFT: the merged model's logits equal the LoRA model's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  root, argv = trained
+  gin.clear_config()
+  run.parse_gin(argv, 'test')
+  cfg, variables, _ = run.load_tau(run.Experiment(), run.Recipe())
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
+  variables['lora'] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
+                                             variables['lora'])  # as after a long training
+  merged, merged_cfg = run.merge(cfg, variables)
+  tokens = jnp.arange(1, 21, dtype=jnp.int32)[None]
+  a, _ = model_lib.Transformer(cfg).apply(variables, tokens)
+  b, _ = model_lib.Transformer(merged_cfg).apply({'params': merged}, tokens)
+  base, _ = model_lib.Transformer(dataclasses.replace(cfg, lora=None)).apply({'params': variables['params']}, tokens)
+  assert float(jnp.max(jnp.abs(a - base))) > 1e-2  # the adapter changes the outputs
+  assert float(jnp.max(jnp.abs(a - b))) < 1e-4
+  assert os.path.exists(os.path.join(run.Experiment().run_dir, run.TRAINABLE_FILE))
+  gin.clear_config()

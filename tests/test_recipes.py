@@ -1,0 +1,141 @@
+"""Every gin file loads with τ overridden to tiny; every recipe runs end to end on the fixtures and writes metrics."""
+import glob
+import json
+import os
+
+import gin
+import pytest
+
+from fiat_jax import readers
+from fiat_jax import run
+from fiat_jax.beta import store
+
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+XOR = os.path.join(TESTDATA, 'xor_attriqa')
+XQA = os.path.join(TESTDATA, 'xtreme_up')
+MACROS = ["DATA_DIR='{data}'", "RUNS_DIR='{runs}'", "STORE_DIR='{store}'", "BETA_URL='http://127.0.0.1:1/v1'",
+          "BETA_MODEL='big'", 'PEFT_LR=1e-3', 'FULL_LR=1e-4', 'RATIONALE_LENGTH=128']
+# Table 3's rows switch ingredients off cumulatively (FIDELITY.md): (data recipe, peft, instruction-tuned base).
+EXPECTED = {'fiat': ('fiat', True, True), 'wo_cot': ('no_cot', True, True), 'wo_instruction': ('finetune', True, True),
+            'wo_peft': ('finetune', False, True), 'wo_it_base': ('finetune', False, False),
+            'finetune': ('finetune', False, False), 'distilled_cot': ('distilled_cot', True, True)}
+
+
+def write_store(store_dir, dataset, data_dir):
+  """A rationale store holding one successful record per example and split."""
+  with store.ShardWriter(str(store_dir)) as writer:
+    for split in readers.SPLITS:
+      for ex in readers.read_split(dataset, data_dir, split):
+        writer.append(store.make_record(
+            key=f'{split}-{ex["id"]}', example_id=ex['id'], task=dataset, split=split, language=ex['language'],
+            i_beta_version='v1', beta='http:big', sampling={}, rationale=f'The passage is about {ex["id"]}.',
+            answer='yes' if dataset == 'xor_attriqa' else ex['target'], raw='', samples=[], tokens_in=1,
+            tokens_out=1, latency_s=0.1, backend='test', error=None))
+  return str(store_dir)
+
+
+def parse(files, tmp_path, data=XOR, extra=()):
+  gin.clear_config()
+  gin.add_config_file_search_path(run.GIN_DIR)
+  bindings = [m.format(data=data, runs=tmp_path / 'runs', store=tmp_path / 'store') for m in MACROS]
+  gin.parse_config_files_and_bindings(list(files), bindings + list(extra))
+
+
+MINE = ('recipes', 'runs', 'datasets', 'sizes', 'beta', 'tiny.gin', 'demo.gin')  # models/ is tested with hf.py
+GIN_FILES = sorted(p for p in glob.glob(os.path.join(run.GIN_DIR, '**', '*.gin'), recursive=True)
+                   if os.path.relpath(p, run.GIN_DIR).split(os.sep)[0] in MINE)
+
+
+@pytest.mark.parametrize('path', GIN_FILES)
+def test_every_gin_file_loads_with_tiny_tau(path, tmp_path):
+  rel = os.path.relpath(path, run.GIN_DIR)
+  with open(path, encoding='utf-8') as f:
+    head = f.read().split('\n', 1)[0]
+  assert head.startswith('# ') and len(head) > 20, f'{rel}: needs a header comment'
+  if rel == 'demo.gin':
+    parse([rel], tmp_path, extra=["MINIATURE_BETA='/tmp/w/beta'", "MINIATURE_TOKENIZER='/tmp/w/sp.model'", "MINIATURE_I_BETA='/tmp/w/i.txt'", "MINIATURE_EXEMPLARS='/tmp/w/e.jsonl'",
+                                  "MINIATURE_TAU_IT='/tmp/w/tau_it'", "MINIATURE_TAU_BASE='/tmp/w/tau_base'"])
+  else:
+    parse([rel, 'tiny.gin'], tmp_path)
+  exp, recipe = run.Experiment(), run.Recipe()
+  cfg = run.train.TrainConfig()
+  assert cfg.num_steps >= 1 and cfg.optim.learning_rate > 0
+  if rel.startswith('runs/'):
+    setting, name = rel.split('/')[1], os.path.basename(rel)[:-4]
+    assert exp.setting == setting and exp.run_dir == str(tmp_path / 'runs' / setting / exp.name)
+    row = name if name == 'icl' else name.split('_', 1)[1]
+    if row == 'icl':
+      assert recipe.method == 'icl' and exp.tau_size is None
+    else:
+      assert (recipe.data_recipe, recipe.peft, recipe.instruction_tuned_base) == EXPECTED[row]
+      assert exp.tau_size == name.split('_')[0].upper()
+      assert cfg.optim.learning_rate == (1e-3 if recipe.peft else 1e-4)
+  gin.clear_config()
+
+
+def test_unknown_binding_fails_fast_naming_it(tmp_path):
+  gin.clear_config()
+  with pytest.raises(ValueError, match='no_such_field'):
+    run.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--gin.Experiment.no_such_field=1'], 'fiat train')
+  with pytest.raises(SystemExit):
+    run.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--bogus'], 'fiat train')
+  gin.clear_config()
+
+
+@pytest.fixture(scope='module')
+def stores(tmp_path_factory):
+  root = tmp_path_factory.mktemp('stores')
+  return {'xor': write_store(root / 'xor', 'xor_attriqa', XOR), 'xqa': write_store(root / 'xqa', 'xtreme_up_xqa', XQA)}
+
+
+RUNS = [('xor_attriqa', 'icl'), ('xor_attriqa', 'xs_fiat'), ('xor_attriqa', 'xs_wo_cot'),
+        ('xor_attriqa', 'xs_wo_instruction'), ('xor_attriqa', 's_wo_peft'), ('xor_attriqa', 'xs_finetune'),
+        ('xtreme_up_indic', 'xs_distilled_cot'), ('xtreme_up_full', 's_fiat')]
+
+
+@pytest.mark.parametrize('setting,name', RUNS)
+def test_recipe_runs_end_to_end_and_writes_metrics(setting, name, stores, tmp_path):
+  xor = setting == 'xor_attriqa'
+  store_dir = stores['xor' if xor else 'xqa']
+  argv = [f'--gin_file=runs/{setting}/{name}.gin', '--gin_file=tiny.gin', f"--gin.DATA_DIR='{XOR if xor else XQA}'",
+          f"--gin.RUNS_DIR='{tmp_path}'", f"--gin.STORE_DIR='{store_dir}'"]
+  if setting == 'xtreme_up_indic':  # the fixture release holds three of the 20 Indic languages
+    argv.append("--gin.Experiment.languages=['as', 'hi', 'mr']")
+  gin.clear_config()
+  assert run.train_main(argv) == 0
+  run_dir = tmp_path / setting / ('xs_finetune' if name == 'xs_wo_it_base' else name)
+  m = json.loads((run_dir / 'metrics.json').read_text())
+  for f in ('config.gin', 'version.json', 'operative_config.gin'):
+    assert (run_dir / f).exists(), f
+  assert "Experiment.name = '%s'" % name in (run_dir / 'config.gin').read_text()
+  test = m['test']
+  if xor:
+    assert test['n'] == 15 and sorted(test['per_language']) == ['bn', 'fi', 'ja', 'ru', 'te']
+    acc = test['headline']['accuracy_mean_over_languages']['value']
+    assert 0.0 <= acc <= 100.0
+    if name == 'icl':  # the store says "yes" for everything: accuracy = share of attributable answers
+      labels = [ex['label'] for ex in readers.read_split('xor_attriqa', XOR, 'test')]
+      assert test['overall']['accuracy'] == pytest.approx(100.0 * sum(labels) / len(labels))
+      assert test['headline']['auc_pr_mean_over_languages'] is None
+      return
+    assert 0.0 <= test['headline']['auc_pr_mean_over_languages']['value'] <= 100.0
+  else:
+    assert 0.0 <= test['overall']['f1'] <= 100.0
+  assert m['steps'] == 2 and m['best']['step'] == 2
+  lines = (run_dir / 'predictions_test.jsonl').read_text().splitlines()
+  assert len(lines) == test['n']
+  assert (run_dir / run.TRAINABLE_FILE).stat().st_size > 0
+  log = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in log if 'loss' in r] == [1, 2]
+  gin.clear_config()
+
+
+def test_sweep_orders_rows_so_beta_is_asked_once():
+  from fiat_jax import sweep  # pylint: disable=g-import-not-at-top
+  files = sweep.run_files('xtreme_up_indic', ['XS', 'S'], '3')
+  assert files[:3] == ['runs/xtreme_up_indic/xs_fiat.gin', 'runs/xtreme_up_indic/s_fiat.gin',
+                       'runs/xtreme_up_indic/icl.gin']
+  assert len(files) == 11 and files[-1] == 'runs/xtreme_up_indic/s_finetune.gin'
+  assert len(sweep.run_files('xor_attriqa', ['XS'], '2')) == 3
+  with pytest.raises(FileNotFoundError, match='xs_distilled_cot'):
+    sweep.run_files('xor_attriqa', ['XS'], '4')
