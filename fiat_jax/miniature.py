@@ -149,14 +149,14 @@ def tokenizer_lines(extra_texts=()) -> list[str]:
   return lines
 
 
-def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 800) -> str:
+def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -> str:
   """A SentencePiece model with seqio's ids (pad 0, eos 1, unk 2, no bos); returns the .model path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
                                  character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 hard_vocab_limit=False, num_threads=2, minloglevel=2)
+                                 model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2)
   with open(prefix + '.model', 'wb') as f:
     f.write(model.getvalue())
   return prefix + '.model'
