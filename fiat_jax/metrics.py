@@ -199,17 +199,10 @@ def score_xor_attriqa(labels: Sequence[bool], predictions: Sequence[bool], langu
 def read_predictions(path: str) -> list[dict]:
   """XTREME-UP submission form: one JSON object per line with a `prediction` field."""
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise readers.DataError(f'{path}:{line_no}: malformed JSON ({e.msg})') from None
-      if not isinstance(row, dict) or 'prediction' not in row:
-        raise readers.DataError(f"{path}:{line_no}: field 'prediction': missing")
-      rows.append(dict(row, _line=line_no))
+  for line_no, _, row in readers.jsonl_objects(path):
+    if 'prediction' not in row:
+      raise readers.DataError(f"{path}:{line_no}: field 'prediction': missing")
+    rows.append(dict(row, _line=line_no))
   return rows
 
 

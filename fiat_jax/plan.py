@@ -93,25 +93,6 @@ def tree_bytes(shapes) -> int:
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(shapes)))
 
 
-def like_trainable(opt_shapes, trainable_shapes, trainable_shardings, replicated):
-  """Optimizer-state shardings as the trainer lays them out: a leaf whose path ends with a trainable leaf's path
-  and has its shape (Adam's mu / nu) is sharded like it; counts and factored moments are replicated."""
-  by_path = {}
-  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(trainable_shapes),
-                          jax.tree_util.tree_leaves(trainable_shardings,
-                                                    is_leaf=lambda y: isinstance(y, jax.sharding.Sharding))):
-    by_path[tuple(map(str, path))] = (s, tuple(x.shape))
-
-  def pick(path, x):
-    keys = tuple(map(str, path))
-    for i in range(len(keys)):
-      hit = by_path.get(keys[i:])
-      if hit is not None and hit[1] == tuple(x.shape):
-        return hit[0]
-    return replicated
-  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
-
-
 def cache_shardings(cfg: model_lib.Config, cache_shapes, mesh, rules=None):
   """KV cache [B, S, K, E] sharded over batch and kv_heads; positions / segments [B, S] over batch."""
   kv = PartitionSpec("batch", "length", "kv_heads", "head_dim")
@@ -192,7 +173,8 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
   frozen_sh = {k: params_sh if k == "params" else cols_sh[k] for k in frozen}
   tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable)
   opt = jax.eval_shape(tx.init, trainable)
-  opt_sh = like_trainable(opt, trainable, trainable_sh, replicated)
+  with_shapes = jax.tree_util.tree_map(lambda sh, x: (sh, tuple(x.shape)), trainable_sh, trainable)
+  opt_sh = train_lib.like_params(opt, with_shapes, replicated)  # as the trainer lays the state out
   batch = {k: jax.ShapeDtypeStruct((tcfg.batch_size, seq_len), jnp.int32) for k in BATCH_FEATURES}
   batch_sh = {k: sharding.batch_sharding(amesh, 2, rules) for k in batch}
   cache = jax.eval_shape(lambda: model_lib.init_cache(cfg, decode_batch, decode_len))

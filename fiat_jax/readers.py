@@ -3,7 +3,7 @@ import collections
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
 
@@ -44,6 +44,25 @@ NO_ANSWER = 'No Answer'
 
 class DataError(ValueError):
   """Bad input data; the message names the file, the line and the field."""
+
+
+def jsonl_objects(path: str) -> Iterator[tuple[int, str, dict]]:
+  """(line number, line, object) for each non-blank line of a JSON-lines file (local or any tf.io.gfile path);
+  a line that is not a JSON object is a DataError naming the file and the line."""
+  if not _gfile().exists(path):
+    raise DataError(f'{path}: file not found')
+  with _gfile().GFile(path, 'r') as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.rstrip('\r\n')
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        _fail(path, line_no, None, f'malformed JSON ({e.msg} at column {e.colno})')
+      if not isinstance(obj, dict):
+        _fail(path, line_no, None, f'expected a JSON object, got {type(obj).__name__}')
+      yield line_no, line, obj
 
 
 def _fail(path: str, line: int, field: Optional[str], msg: str):
@@ -118,24 +137,12 @@ def read_file(dataset: str, path: str, language: Optional[str] = None) -> list[d
   if dataset == 'xtreme_up_xqa':
     language = language or os.path.basename(path).split('.')[0]
     _check_language(language, dataset, path, 0, None)
-  if not _gfile().exists(path):
-    raise DataError(f'{path}: file not found')
   examples = []
-  with _gfile().GFile(path, 'r') as f:
-    for line_no, raw_line in enumerate(f, start=1):
-      raw_line = raw_line.rstrip('\r\n')
-      if not raw_line.strip():
-        continue
-      try:
-        raw = json.loads(raw_line)
-      except json.JSONDecodeError as e:
-        _fail(path, line_no, None, f'malformed JSON ({e.msg} at column {e.colno})')
-      if not isinstance(raw, dict):
-        _fail(path, line_no, None, f'expected a JSON object, got {type(raw).__name__}')
-      if dataset == 'xor_attriqa':
-        examples.append(_xor_attriqa_example(raw, raw_line, path, line_no))
-      else:
-        examples.append(_xtreme_up_example(raw, raw_line, path, line_no, language))
+  for line_no, raw_line, raw in jsonl_objects(path):
+    if dataset == 'xor_attriqa':
+      examples.append(_xor_attriqa_example(raw, raw_line, path, line_no))
+    else:
+      examples.append(_xtreme_up_example(raw, raw_line, path, line_no, language))
   if not examples:
     raise DataError(f'{path}: empty file (no examples)')
   return examples

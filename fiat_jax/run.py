@@ -473,25 +473,16 @@ def read_inputs(path: str, dataset: str) -> list[dict]:
   """JSON lines with the canonical input fields (+ language, optional id); errors name the line and field."""
   fields = [f for f, _ in tasks.definition(dataset).FIELDS]
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        ex = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise readers.DataError(f'{path}:{line_no}: malformed JSON ({e.msg})') from None
-      if not isinstance(ex, dict):
-        raise readers.DataError(f'{path}:{line_no}: expected a JSON object')
-      for field in fields + ['language']:
-        if not isinstance(ex.get(field), str) or not ex[field].strip():
-          raise readers.DataError(f'{path}:{line_no}: field {field!r}: missing or not a non-empty string')
-      if ex['language'] not in readers.LANGUAGES[dataset]:
-        raise readers.DataError(f'{path}:{line_no}: field \'language\': unknown language {ex["language"]!r} '
-                                f'for {dataset}')
-      ex.setdefault('id', readers.example_id(line.rstrip('\r\n')))
-      ex['id'] = str(ex['id'])
-      rows.append(ex)
+  for line_no, line, ex in readers.jsonl_objects(path):
+    for field in fields + ['language']:
+      if not isinstance(ex.get(field), str) or not ex[field].strip():
+        raise readers.DataError(f'{path}:{line_no}: field {field!r}: missing or not a non-empty string')
+    if ex['language'] not in readers.LANGUAGES[dataset]:
+      raise readers.DataError(f'{path}:{line_no}: field \'language\': unknown language {ex["language"]!r} '
+                              f'for {dataset}')
+    ex.setdefault('id', readers.example_id(line))
+    ex['id'] = str(ex['id'])
+    rows.append(ex)
   if not rows:
     raise readers.DataError(f'{path}: no input lines')
   return rows

@@ -181,7 +181,7 @@ def eval_step(trainable, frozen, batch, *, model, tcfg: TrainConfig):
 
 # ---- Shardings ------------------------------------------------------------------------------------------------
 
-def _like_params(tree, param_shardings, replicated):
+def like_params(tree, param_shardings, replicated):
   """Shardings of an optimizer state: a leaf whose path ends with a parameter's path and has its shape gets that
   parameter's sharding (Adam's mu / nu); everything else (counts, factored moments) is replicated."""
   by_path = {tuple(map(str, p)): s for p, s in jax.tree_util.tree_leaves_with_path(
@@ -209,7 +209,7 @@ def _shardings(cfg: model_lib.Config, mode: str, mesh, trainable, frozen, opt_sh
     if "lora_init" in frozen:
       frozen_sh["lora_init"] = lora_sh["lora_init"]
   with_shapes = jax.tree_util.tree_map(lambda s, x: (s, tuple(x.shape)), trainable_sh, trainable)
-  state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=_like_params(opt_shapes, with_shapes, replicated),
+  state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=like_params(opt_shapes, with_shapes, replicated),
                   rng=replicated)
   return state_sh, frozen_sh
 
