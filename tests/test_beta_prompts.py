@@ -18,6 +18,8 @@ TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
     ("Some thought.\nANSWER: \"6.15 km\"", "Some thought.", "6.15 km"),
     ("Thinking.\nAnswer:\n\nYes", "Thinking.", "Yes"),
     ("The passage names him, so the answer is Jean Sibelius.", "The passage names him, so", "Jean Sibelius"),
+    ("It says Dev lives in Goa. Answer: Goa", "It says Dev lives in Goa.", "Goa"),
+    ("Reasoning: Dev is her friend. Final answer: No Answer.", "Dev is her friend.", "No Answer"),
     ("Reasoning: the passage is about a bridge.", "the passage is about a bridge.", None),
     ("", "", None),
 ])

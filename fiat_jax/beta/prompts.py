@@ -190,6 +190,7 @@ def i_beta_text(i_beta: list[dict]) -> str:
 # --- the answer parser -------------------------------------------------------------------------------------------
 
 _MARKER = re.compile(r"^[ \t>*_#-]*(?:final[ \t]+answer|answer)[ \t*_]*[:：][ \t*_]*(.*)$", re.I | re.M)
+_INLINE = re.compile(r"(?<=[.!?。])[ \t]+(?:final[ \t]+)?answer[ \t]*[:：][ \t]*(.+)$", re.I | re.M)
 _PHRASE = re.compile(r"\b(?:the|my)[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t:]*(.+)$", re.I | re.M)
 _LEAD = re.compile(r"^\s*\**\s*(?:reasoning|explanation|rationale)\s*\**\s*[:：]\s*\**\s*", re.I)
 
@@ -213,9 +214,10 @@ def _clean_answer(text: str) -> str:
 def parse_output(raw: str) -> Parsed:
   """Splits beta's output into rationale and final answer ("... Answer: X" and common variants)."""
   m = _MARKER.search(raw)
-  if m is None:
-    found = list(_PHRASE.finditer(raw))
-    m = found[-1] if found else None
+  for pattern in (_INLINE, _PHRASE):  # else the last "... done. Answer: X" / "the answer is X"
+    if m is None:
+      found = list(pattern.finditer(raw))
+      m = found[-1] if found else None
   if m is None:
     return Parsed(_LEAD.sub("", raw.strip()).strip(), None)
   answer = _clean_answer(m.group(1))
