@@ -26,6 +26,7 @@ import seqio
 
 from fiat_jax import data
 from fiat_jax import decoding
+from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
 from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
@@ -147,7 +148,6 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
     which = 'base' if use_base else 'instruction_tuned'
     raise ValueError(f'tau_model.{which} is not set: bind the τ checkpoint macro of the run file '
                      f'(e.g. --gin.TAU_XS_{"BASE" if use_base else "IT"}=...)')
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
   cfg, params = hf.load(path, dtype=dtype)
   if cfg.vocab_size < vocabulary.vocab_size:
     raise ValueError(f'{path}: the model has {cfg.vocab_size} embeddings but the vocabulary has '

@@ -219,6 +219,7 @@ def _parse(argv: list[str], prog: str, extra=None):
   if unknown:
     ap.error(f"unknown arguments: {unknown} (gin bindings are --gin.NAME=VALUE)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from fiat_jax import hf  # noqa: F401  pylint: disable=g-import-not-at-top  (local_beta loads through hf: its configurables must exist before gin parses)
   gin.parse_config_files_and_bindings(args.gin_file, bindings)
   return args
 

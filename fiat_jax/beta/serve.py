@@ -304,6 +304,7 @@ def main(argv: list[str]) -> int:
   if args.tiny:
     beta = backends.tiny_local_beta(seed=args.tiny_seed)
   else:
+    from fiat_jax import hf  # noqa: F401  pylint: disable=g-import-not-at-top  (local_beta loads through hf: its configurables must exist before gin parses)
     gin.parse_config_files_and_bindings(args.gin_file, bindings)
     beta = serving_beta()
   faults = None
