@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -34,6 +35,7 @@ from fiat_jax import run
 from fiat_jax import train
 
 SIZES = {'train': 100, 'validation': 60, 'test': 200}
+OUTPUTS = ('world', 'runs', 'rationales', 'report')  # what the demo writes under --out_dir
 # (name, row, recipe files after demo.gin): Table 2's rows and Table 3's first two.
 ROWS = (('icl', 'icl', ['recipes/icl.gin']),
         ('xs_finetune', 'finetune', ['recipes/finetune.gin']),
@@ -46,9 +48,9 @@ class Scale:
   """How much the demo trains: the full demo, or --quick (a smoke run of every step)."""
   beta_examples: int = 8320  # 260 batches of 32: each chain of thought seen once
   beta_steps: int = 260
-  tau_lm_steps: int = 150
-  tau_it_steps: int = 200
-  tau_steps: int = 200
+  tau_lm_steps: int = 100
+  tau_it_steps: int = 300
+  tau_steps: int = 120
 
 
 QUICK = Scale(beta_examples=200, beta_steps=4, tau_lm_steps=4, tau_it_steps=4, tau_steps=4)
@@ -97,7 +99,7 @@ def build_world(out: str, scale: Scale) -> dict:
   i_beta_file, exemplars_file = miniature.write_i_beta(os.path.join(world, 'prompts'))
   i_beta = miniature.i_beta_messages(i_beta_file, exemplars_file)
   cot = miniature.cot_pairs(scale.beta_examples, seed=101, i_beta=i_beta)
-  instructions = miniature.instruction_pairs(max(scale.beta_examples // 2, 100), seed=202)
+  instructions = miniature.instruction_pairs(32 * max(scale.tau_it_steps, 4), seed=202)
   plain = [('', ex['context'] + ' ' + ex['question']) for ex in miniature.examples(len(instructions), seed=303)]
   sp_path = miniature.train_sentencepiece(
       os.path.join(world, 'sp'), miniature.tokenizer_lines([data.load_i_tau('xtreme_up_xqa'), cot[0][0]]))
@@ -111,7 +113,7 @@ def build_world(out: str, scale: Scale) -> dict:
   base = pretrain('tau_base', tau_cfg, tokenize_pairs(vocab, plain), scale.tau_lm_steps,
                   os.path.join(world, 'tau_base_run'), lr=3e-3, seed=1)
   tuned = pretrain('tau_it', tau_cfg, tokenize_pairs(vocab, instructions), scale.tau_it_steps,
-                   os.path.join(world, 'tau_it_run'), lr=2e-3, params=base, seed=2)
+                   os.path.join(world, 'tau_it_run'), lr=3e-3, params=base, seed=2)
   return {'DATA_DIR': data_dir, 'MINIATURE_TOKENIZER': sp_path, 'MINIATURE_I_BETA': i_beta_file,
           'MINIATURE_EXEMPLARS': exemplars_file,
           'MINIATURE_BETA': miniature.export_hf(beta_cfg, beta_params, os.path.join(world, 'beta')),
@@ -144,6 +146,8 @@ def main(argv: list[str]) -> int:
   args = ap.parse_args(argv)
   scale = QUICK if args.quick else Scale()
   t0 = time.time()
+  for sub in OUTPUTS:  # a fresh world each time: stored rationales and checkpoints of an earlier one never mix in
+    shutil.rmtree(os.path.join(args.out_dir, sub), ignore_errors=True)
   macros = build_world(args.out_dir, scale)
   run_rows(args.out_dir, macros, scale)
   result = report.report(os.path.join(args.out_dir, 'runs'), os.path.join(args.out_dir, 'report'))

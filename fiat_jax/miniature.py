@@ -45,6 +45,7 @@ CITIES = ('Pune', 'Delhi', 'Dhaka', 'Lahore', 'Kazan', 'Goa', 'Agra', 'Surat', '
           'Patna', 'Sylhet', 'Quetta', 'Tomsk', 'Indore', 'Kochi', 'Rajshahi', 'Karachi', 'Samara', 'Jaipur')
 NO_ANSWER = readers.NO_ANSWER
 I_BETA_INSTRUCTION = 'Think step by step in English, then answer with a place from the passage or No Answer.'
+COPY_INSTRUCTION = 'Copy, in order, every sentence of the passage that mentions the person.'
 IT_INSTRUCTION = ('Answer the question from the passage with a span copied from it. If the passage does not say, '
                   'reply "No Answer".')
 
@@ -123,10 +124,16 @@ def cot_pairs(n: int, seed: int, i_beta: list[dict]) -> list[tuple[str, str]]:
 
 
 def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-  """τ's instruction tuning (other tasks, the instruction style): English one-hop questions over the passages."""
+  """τ's instruction tuning (other tasks, the instruction style): English one-hop questions over the passages,
+  and copying out what a passage says about someone (the copying every extractive answer needs)."""
   rng, out = random.Random(seed), []
   for ex in examples(n, seed):
     facts = [s.strip() + '.' for s in ex['context'].split('.') if s.strip()]
+    if rng.random() < 0.5:
+      person = rng.choice(facts).split()[0]
+      said = ' '.join(f for f in facts if person in f.split())
+      out.append((f'{COPY_INSTRUCTION}\n\nPerson: {person}\nPassage: {ex["context"]}\nSentences:', said))
+      continue
     fact = rng.choice(facts).rstrip('.').split()
     if fact[1] == 'is':  # "P is the REL of X." -> who is the REL of X?
       question, answer = f'Who is the {fact[3]} of {fact[5]}?', fact[0]
@@ -141,7 +148,7 @@ def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 
 def tokenizer_lines(extra_texts=()) -> list[str]:
   """Text the SentencePiece model is trained on: the world, β's and τ's prompts (every I_τ / I_β word)."""
-  lines = list(extra_texts) + [I_BETA_INSTRUCTION, IT_INSTRUCTION, NO_ANSWER]
+  lines = list(extra_texts) + [I_BETA_INSTRUCTION, IT_INSTRUCTION, COPY_INSTRUCTION, NO_ANSWER]
   for lang in LANGUAGES:
     lines += [t.format(X=nm) for t in TEMPLATES[lang].values() for nm in NAMES[:6]]
   for ex in examples(600, 99):
@@ -150,13 +157,16 @@ def tokenizer_lines(extra_texts=()) -> list[str]:
 
 
 def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -> str:
-  """A SentencePiece model with seqio's ids (pad 0, eos 1, unk 2, no bos); returns the .model path."""
+  """A BPE SentencePiece model with seqio's ids (pad 0, eos 1, unk 2, no bos); returns the .model path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
                                  character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2)
+                                 model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2,
+                                 # keep newlines, as real checkpoints' tokenizers do: prompts are line-structured
+                                 normalization_rule_name='identity', remove_extra_whitespaces=False,
+                                 user_defined_symbols=['\n'])
   with open(prefix + '.model', 'wb') as f:
     f.write(model.getvalue())
   return prefix + '.model'
