@@ -5,8 +5,11 @@ The base tree (`params`) is never touched: LoRA weights live in the `lora` colle
 PiSSA, the initial factors in `lora_init` (frozen). A target module with rank R holds
   a [in, R] (random), b [R, out] (zeros, so the model starts as the base model), and for DoRA m [out].
 This is the file to edit to try a LoRA variant: `delta` (the forward), `_init_target` and `_merge_kernel`.
+`low_rank` is the plain product x A B with a hand-written gradient (for speed); a variant's own terms can be plain jnp
+code, which autodiff differentiates.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -56,6 +59,31 @@ def _column_norm(w_IO):
   return jnp.sqrt(jnp.sum(jnp.square(w_IO.astype(jnp.float32)), axis=0))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank(x, a_IR, b_RO, scale: float):
+  """(x a) b * scale, the LoRA product, with the scale applied to the small rank-R intermediate.
+
+  Its VJP is written out so that each gradient is one matmul against a rank-R factor or intermediate: autodiff of
+  the nested dots made XLA (CPU) write the input gradients of wide projections (gate, up) in transposed form, a
+  [F, B*L] copy per layer, and the LoRA backward pass cost more than the frozen matmuls beside it."""
+  return _low_rank_fwd(x, a_IR, b_RO, scale)[0]
+
+
+def _low_rank_fwd(x, a_IR, b_RO, scale):
+  h_R = jnp.dot(x, a_IR) * scale
+  return jnp.dot(h_R, b_RO), (x, a_IR, b_RO, h_R)
+
+
+def _low_rank_bwd(scale, res, g_O):
+  x, a_IR, b_RO, h_R = res
+  g_R = jnp.dot(g_O, b_RO.T) * scale
+  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
+  return (jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_R, (rows, rows)), jnp.tensordot(h_R, g_O, (rows, rows)))
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 class Dense(nn.Module):
   """A bias-optional projection x @ kernel [in, out], with the configured LoRA variant when targeted."""
   features: int
@@ -84,12 +112,12 @@ class Dense(nn.Module):
     cfg = self.lora
     a, b = _get(self, "lora", "a").astype(self.dtype), _get(self, "lora", "b").astype(self.dtype)
     xd = nn.Dropout(cfg.dropout)(x, deterministic=deterministic) if cfg.dropout else x
-    lora_y = jnp.dot(jnp.dot(xd, a), b) * cfg.scale
+    lora_y = low_rank(xd, a, b, cfg.scale)
     if cfg.variant == "lora":
       return y + lora_y
     if cfg.variant == "pissa":  # the base keeps its principal part: subtract the frozen initial factors.
       a0, b0 = _get(self, "lora_init", "a").astype(self.dtype), _get(self, "lora_init", "b").astype(self.dtype)
-      return y + (lora_y - jnp.dot(jnp.dot(xd, a0), b0) * cfg.scale)
+      return y + (lora_y - low_rank(xd, a0, b0, cfg.scale))
     # DoRA: magnitude m times the unit-norm direction of W + s A B; the norm is not differentiated (DoRA §4.3).
     w = kernel.astype(jnp.float32) + cfg.scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
     ratio = _get(self, "lora", "m").astype(jnp.float32) / jax.lax.stop_gradient(_column_norm(w))
@@ -128,7 +156,7 @@ class Embed(nn.Module):
     logits = jnp.dot(h_BLD, kernel_DV.astype(self.dtype))
     if _active(self.lora, "unembed", self):
       a_DR, b_RV = _get(self, "lora", "unembed_a"), _get(self, "lora", "unembed_b")
-      logits = logits + jnp.dot(jnp.dot(h_BLD, a_DR.astype(self.dtype)), b_RV.astype(self.dtype)) * self.lora.scale
+      logits = logits + low_rank(h_BLD, a_DR.astype(self.dtype), b_RV.astype(self.dtype), self.lora.scale)
     return logits
 
 

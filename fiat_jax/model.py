@@ -123,6 +123,26 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
   return mask
 
 
+@jax.custom_vjp
+def softmax(x):
+  """Softmax over the last axis, whose backward pass keeps and reads only the output p: dx = p (g - sum(p g)).
+  (jax.nn.softmax's default gradient differentiates exp(x - max) / sum: it keeps the exponentials and a broadcast
+  1/sum, two more [B, K, G, L, S] tensors per layer.)"""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  p = jax.nn.softmax(x, axis=-1)
+  return p, p
+
+
+def _softmax_bwd(p, g):
+  return (p * (g - jnp.sum(p * g, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with RoPE, optional q/k norm, soft-capping and a KV cache."""
   cfg: Config
@@ -159,16 +179,26 @@ class Attention(nn.Module):
       k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
       k_slot_S, q_slot_L = jnp.arange(k_BSKE.shape[1]), q_slot_L + idx
       new_cache = dict(k=k_BSKE, v=v_BSKE)
-    q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-    logits_BKGLS = jnp.einsum("BLKGE,BSKE->BKGLS", q_BLKGE, k_BSKE.astype(q_BLKGE.dtype),
+    G = H // K
+    q_BLKGE = q_BLHE.reshape(B, L, K, G, E)
+    # Without a cache (training, scoring), keys and values broadcast over G make G a batch dim of both matmuls, so
+    # XLA (CPU) writes the scores straight in [B, K, G, L, S] rather than as one [S, G*L] product per kv head that it
+    # then transposes, forward and backward. With a cache they stay [B, S, K, E]: there the broadcast was a copy of
+    # the cache and made prefill and decoding slower.
+    if cache is None:
+      kv = "BSKGE"
+      group = lambda t_BSKE: jnp.broadcast_to(t_BSKE[:, :, :, None], (*t_BSKE.shape[:3], G, E))
+    else:
+      kv, group = "BSKE", lambda t_BSKE: t_BSKE
+    logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, group(k_BSKE.astype(q_BLKGE.dtype)),
                               preferred_element_type=jnp.float32)
     if cfg.attn_logit_softcap:
       logits_BKGLS = jnp.tanh(logits_BKGLS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
     logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, NEG_INF)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKE.dtype)
-    out_BLKGE = jnp.einsum("BKGLS,BSKE->BLKGE", probs_BKGLS, v_BSKE.astype(probs_BKGLS.dtype))
+    probs_BKGLS = softmax(logits_BKGLS).astype(v_BSKE.dtype)
+    out_BLKGE = jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, group(v_BSKE.astype(probs_BKGLS.dtype)))
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
 

@@ -108,3 +108,38 @@ def test_dropout_is_active_only_when_not_deterministic():
   np.testing.assert_array_equal(det, m.apply({"params": params, **cols}, TOKENS)[0])
   drop = m.apply({"params": params, **cols}, TOKENS, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})[0]
   assert float(jnp.abs(drop - det).max()) > 1e-4
+
+
+def test_low_rank_gradients_equal_autodiff_of_the_plain_product():
+  kx, ka, kb, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+  x, a, b = jax.random.normal(kx, (2, 5, 6)), jax.random.normal(ka, (6, 3)), jax.random.normal(kb, (3, 7))
+  g = jax.random.normal(kg, (2, 5, 7))
+  y, vjp = jax.vjp(lambda *t: lora_lib.low_rank(*t, 1.7), x, a, b)
+  y_ref, vjp_ref = jax.vjp(lambda x, a, b: jnp.dot(jnp.dot(x, a), b) * 1.7, x, a, b)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,rslora", [("lora", False), ("lora", True), ("dora", False), ("pissa", False)])
+def test_model_gradients_equal_autodiff_of_the_plain_product(variant, rslora, monkeypatch):
+  """All variants, with dropout on x: the LoRA (and base) gradients do not depend on low_rank's hand-written VJP."""
+  cfg = helpers.with_lora(model_lib.tiny_config(tie_embeddings=False), rank=4, variant=variant, rslora=rslora,
+                          dropout=0.1, targets=lora_lib.DENSE_TARGETS + ("unembed",))
+  params = helpers.tiny_params(cfg)
+  cols = helpers.perturbed_lora(cfg, params)
+  m = model_lib.Transformer(cfg)
+
+  def grads(trainable):
+    def loss(trainable, frozen):
+      out = m.apply({**frozen, **trainable}, TOKENS, deterministic=False, rngs={"dropout": jax.random.PRNGKey(7)})[0]
+      return jnp.sum(jnp.sin(out))
+    frozen = {"params": params, **{k: v for k, v in cols.items() if k not in trainable}}
+    return jax.grad(loss)({k: v for k, v in {"params": params, **cols}.items() if k in trainable}, frozen)
+
+  got, got_all = grads({"lora"}), grads({"lora", "params"})
+  monkeypatch.setattr(lora_lib, "low_rank", lambda x, a, b, scale: jnp.dot(jnp.dot(x, a), b) * scale)
+  want, want_all = grads({"lora"}), grads({"lora", "params"})
+  assert set(got) == {"lora"}  # a frozen base gets no gradient
+  for g, w in zip(jax.tree_util.tree_leaves((got, got_all)), jax.tree_util.tree_leaves((want, want_all))):
+    assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-7  # float32 summation order only
