@@ -62,7 +62,10 @@ def _generate(model, variables, tokens, positions, segments, key, *, max_new_tok
   cfg = model.cfg
   B, P = tokens.shape
   cache = model_lib.init_cache(cfg, B, P + max_new_tokens)
-  logits, cache = model.apply(variables, tokens, positions, segments, segments > 0, cache=cache)
+  # Prefill: the logits of the last slot only (the [B, P, V] projection of every prompt slot is most of a
+  # prompt's FLOPs at a large vocabulary, and only the last one picks the first new token).
+  hidden, cache = model.apply(variables, tokens, positions, segments, segments > 0, cache=cache, return_hidden=True)
+  logits = model.apply(variables, hidden[:, -1:], method=model_lib.Transformer.logits)
   next_pos = jnp.max(positions, axis=1) + (segments[:, -1] > 0)
 
   def cond(state):

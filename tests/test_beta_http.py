@@ -257,6 +257,36 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_beta, task_dirs, capsys, monk
   assert not [i for i, times in asked.items() if max(times) > first_stored[i]]  # none asked after it was stored
 
 
+def test_batcher_waits_for_clients_that_come_back(tiny_beta):
+  """Clients that resubmit 30 ms after their answer land in one full batch, not a batch of one plus the rest."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  class SlowBeta(backends.LocalBeta):
+    def complete_texts(self, texts, sampling, seeds):
+      time.sleep(0.5)  # a batch's decoding time; the window becomes 0.1 x 0.5 s = 50 ms
+      return super().complete_texts(texts, sampling, seeds)
+
+  slow = SlowBeta(tiny_beta.model, tiny_beta.variables, tiny_beta.vocab, tiny_beta.identity, batch_size=4,
+                  max_len=2048)
+  batcher = serve.Batcher(slow, max_batch=4, wait_s=0.005, wait_fraction=0.1)
+
+  def client(c):
+    for r in range(3):
+      if r:
+        time.sleep(0.01 * (c + 1))  # 10-40 ms before the next request, staggered
+      [comp] = batcher.submit([f"client {c} request {r}"], SAMPLING, 0)
+      assert comp.error is None
+
+  threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  # The first batch opens with a 5 ms window (nothing decoded yet); every later one waits up to 50 ms.
+  assert sum(batcher.batch_sizes) == 12
+  assert batcher.batch_sizes[-2:] == [4, 4], batcher.batch_sizes
+
+
 def test_retry_after_header_forms():
   assert backends.retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
   assert backends.retry_after_seconds({"retry-after": "2"}) == 2.0

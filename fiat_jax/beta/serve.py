@@ -57,10 +57,20 @@ def parse_faults(spec: str) -> dict[str, float]:
 
 
 class Batcher:
-  """Collects prompts from concurrent requests for a few milliseconds and decodes them in one batch."""
+  """Collects prompts from concurrent requests and decodes them in one batch.
 
-  def __init__(self, beta: backends.LocalBeta, max_batch: int = 16, wait_s: float = 0.005):
-    self.beta, self.max_batch, self.wait_s = beta, max_batch, wait_s
+  A batch decodes in the same time whether it holds one prompt or `max_batch` (rows are padded to the model's
+  batch size), so after the first prompt arrives the batcher waits for more: at least `wait_s`, and up to
+  `wait_fraction` of the last batch's decoding time. Clients whose answers just came back need a few tens of
+  milliseconds to send their next request; a fixed 5 ms window split their requests into a batch of one and a
+  batch of the rest, doubling the work.
+  """
+
+  def __init__(self, beta: backends.LocalBeta, max_batch: int = 16, wait_s: float = 0.005,
+               wait_fraction: float = 0.1):
+    self.beta, self.max_batch, self.wait_s, self.wait_fraction = beta, max_batch, wait_s, wait_fraction
+    self.last_decode_s = 0.0
+    self.batch_sizes: list[int] = []  # one entry per decoded batch, for monitoring and tests
     self._queue: queue.Queue = queue.Queue()
     threading.Thread(target=self._loop, name="beta-batcher", daemon=True).start()
 
@@ -75,12 +85,13 @@ class Batcher:
   def _loop(self):
     while True:
       items = [self._queue.get()]
-      deadline = time.monotonic() + self.wait_s
+      deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_decode_s)
       while len(items) < self.max_batch:
         try:
           items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
           break
+      start = time.monotonic()
       groups: dict[backends.Sampling, list] = {}
       for item in items:
         groups.setdefault(item[1], []).append(item)
@@ -93,6 +104,8 @@ class Batcher:
           logging.exception("beta decoding failed")
           for g in group:
             g[3].set_exception(e)
+      self.batch_sizes.append(len(items))
+      self.last_decode_s = time.monotonic() - start
 
 
 class _BadRequest(Exception):
@@ -119,12 +132,12 @@ class Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
 
   def __init__(self, address, beta, model_name, request_log, faults=None, render=prompts.render_plain,
-               max_batch=16, batch_wait_s=0.005, default_max_tokens=256, api_key=None):
+               max_batch=16, batch_wait_s=0.005, batch_wait_fraction=0.1, default_max_tokens=256, api_key=None):
     super().__init__(address, _Handler)
     self.api_key = api_key  # when set, requests must carry "Authorization: Bearer <key>"
     self.beta, self.model_name, self.faults, self.render = beta, model_name, faults, render
     self.default_max_tokens = default_max_tokens
-    self.batcher = Batcher(beta, max_batch, batch_wait_s)
+    self.batcher = Batcher(beta, max_batch, batch_wait_s, batch_wait_fraction)
     self.request_log = request_log
     self._log_lock = threading.Lock()
     self._count = 0
@@ -289,7 +302,9 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--request_log", default="fiat_serve_requests.jsonl")
   ap.add_argument("--api_key_env", help="name of an environment variable holding the key clients must send")
   ap.add_argument("--max_batch", type=int, default=16)
-  ap.add_argument("--batch_wait_ms", type=float, default=5.0)
+  ap.add_argument("--batch_wait_ms", type=float, default=5.0, help="least time a batch waits for more prompts")
+  ap.add_argument("--batch_wait_fraction", type=float, default=0.1,
+                  help="a batch waits up to this fraction of the last batch's decoding time for more prompts")
   ap.add_argument("--max_new_tokens", type=int, default=256, help="when a request gives no max_tokens")
   ap.add_argument("--inject_faults", default="", help="TEST ONLY: e.g. 429=0.1,500=0.1,malformed=0.05,stall=0.05")
   ap.add_argument("--fault_seed", type=int, default=0)
@@ -315,7 +330,8 @@ def main(argv: list[str]) -> int:
   if args.api_key_env:
     api_key = os.environ.get(args.api_key_env) or ap.error(f"--api_key_env: {args.api_key_env} is not set")
   srv = start(beta, args.host, args.port, args.model_name, args.request_log, faults, max_batch=args.max_batch,
-              batch_wait_s=args.batch_wait_ms / 1000, default_max_tokens=args.max_new_tokens, api_key=api_key)
+              batch_wait_s=args.batch_wait_ms / 1000, batch_wait_fraction=args.batch_wait_fraction,
+              default_max_tokens=args.max_new_tokens, api_key=api_key)
   if args.port_file:
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(srv.server_address[1]))
