@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import seqio
 
+from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import miniature
 from fiat_jax import model as model_lib
@@ -132,7 +133,7 @@ def run_rows(out: str, macros: dict, scale: Scale) -> None:
     argv += [f"--gin.Experiment.name='{name}'", f"--gin.Experiment.row='{row}'",
              f'--gin.TrainConfig.num_steps={scale.tau_steps}']
     t0 = time.time()
-    run.parse_gin(argv, 'demo')
+    cli.parse_gin(argv, 'demo')
     out_metrics = run.build(run.Experiment(), run.Recipe())
     print(f'demo: {name}: {json.dumps(run.headline(out_metrics))} ({time.time() - t0:.0f} s)')
   gin.clear_config()

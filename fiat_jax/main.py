@@ -10,7 +10,7 @@ MODES = {
     "score": "fiat_jax.metrics:main",
     "train": "fiat_jax.run:train_main",
     "evaluate": "fiat_jax.run:evaluate_main",
-    "infer": "fiat_jax.run:infer_main",
+    "infer": "fiat_jax.infer:main",
     "report": "fiat_jax.report:main",
     "plan": "fiat_jax.plan:main",
 }

@@ -1,11 +1,10 @@
-"""`fiat train | evaluate | infer`: the gin entry points that put FIAT together.
+"""`fiat train | evaluate`: the gin entry points that put FIAT together (`fiat infer` is in infer.py).
 
 Algorithm 1 (building), in `build`: generate_rationales (β, stored once) -> format_with_i_tau (the seqio task of
 the recipe) -> train.train (the gradient w.r.t. the PEFT parameters only) -> lora.merge when τ is exported.
-Algorithm 2 (inference), in `infer`: β's rationale (from the store, else from the backend) -> format_with_i_tau ->
+Algorithm 2 (inference), in infer.py: β's rationale (from the store, else from the backend) -> format_with_i_tau ->
 greedy decoding with the merged θ'_τ -> answer and score.
 """
-import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util  # gin's include resolution needs it imported
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import seqio
 
+from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import decoding
 from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
@@ -32,12 +32,10 @@ from fiat_jax import model as model_lib
 from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
 from fiat_jax import readers
 from fiat_jax import train
-from fiat_jax.beta import backends
 from fiat_jax.beta import run as beta_run
 from fiat_jax.beta import store
 import tasks
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin_configs')
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
 METRICS_FILE = 'metrics.json'
 
@@ -467,157 +465,27 @@ def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale
           'inputs_pretokenized': text, 'targets_pretokenized': target, 'example': example}
 
 
-# ---- Algorithm 2: `fiat infer` -------------------------------------------------------------------------------
-
-def read_inputs(path: str, dataset: str) -> list[dict]:
-  """JSON lines with the canonical input fields (+ language, optional id); errors name the line and field."""
-  fields = [f for f, _ in tasks.definition(dataset).FIELDS]
-  rows = []
-  for line_no, line, ex in readers.jsonl_objects(path):
-    for field in fields + ['language']:
-      if not isinstance(ex.get(field), str) or not ex[field].strip():
-        raise readers.DataError(f'{path}:{line_no}: field {field!r}: missing or not a non-empty string')
-    if ex['language'] not in readers.LANGUAGES[dataset]:
-      raise readers.DataError(f'{path}:{line_no}: field \'language\': unknown language {ex["language"]!r} '
-                              f'for {dataset}')
-    ex.setdefault('id', readers.example_id(line))
-    ex['id'] = str(ex['id'])
-    rows.append(ex)
-  if not rows:
-    raise readers.DataError(f'{path}: no input lines')
-  return rows
-
-
-@gin.configurable(denylist=['exp', 'recipe'])
-def infer(exp: Experiment, recipe: Recipe, input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED,
-          beta: Optional[Beta] = None, split: str = 'infer') -> dict:
-  """Algorithm 2: y = argmax P(y | x, ŷ_β; θ'_τ, I_τ) for each input line; β asked only for unstored inputs."""
-  beta = beta or Beta()
-  inputs = read_inputs(input_file, exp.dataset)
-  rationales, sources = [None] * len(inputs), [None] * len(inputs)
-  if recipe.rationale == 'input':
-    stored = store.latest_by_example(exp.store_dir) if exp.store_dir and os.path.isdir(exp.store_dir) else {}
-    for i, ex in enumerate(inputs):
-      if ex['id'] in stored:
-        rationales[i], sources[i] = stored[ex['id']]['rationale'], 'store'
-    todo = [i for i, r in enumerate(rationales) if r is None]
-    if todo:
-      asked = ask_beta(exp, beta, [inputs[i] for i in todo], split)
-      for i, r in zip(todo, asked):
-        rationales[i], sources[i] = r, 'beta'
-  cfg, variables, vocab = load_tau(exp, recipe)
-  merged, merged_cfg = merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
-  model = model_lib.Transformer(merged_cfg)
-  examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
-  out = decode(model, {'params': merged}, vocab, examples, exp.dataset,
-                          max_decode_tokens=exp.max_decode_tokens, batch_size=exp.eval_batch_size, bos_id=exp.bos_id)
-  os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-  with open(output_file, 'w', encoding='utf-8') as f:
-    for ex, r, src, pred, score in zip(inputs, rationales, sources, out['predictions'], out['scores']):
-      f.write(json.dumps({'id': ex['id'], 'language': ex['language'], 'rationale': r, 'rationale_source': src,
-                          'prediction': pred, 'score': score}, ensure_ascii=False) + '\n')
-  return {'n': len(inputs), 'asked_beta': sum(s == 'beta' for s in sources),
-          'from_store': sum(s == 'store' for s in sources), 'output_file': output_file}
-
-
-def ask_beta(exp: Experiment, beta: Beta, examples: list[dict], split: str) -> list[str]:
-  """β's rationales for new inputs, appended to the store (so no input is ever asked twice)."""
-  if beta.backend is None:
-    raise ValueError(f'{len(examples)} inputs have no stored rationale and Beta.backend is not set: bind it '
-                     f'(e.g. --gin.Beta.backend=@HttpBeta())')
-  train_examples = {}
-  if exp.data_dir:
-    train_examples['train'] = readers.read_split(exp.dataset, exp.data_dir, 'train', exp.languages)
-  i_beta, texts = beta_run.build_i_beta(exp.dataset, train_examples | {split: examples}, beta.instruction_file,
-                                        beta.exemplars_file)
-  sampling = backends.Sampling()
-  items = beta_run.plan(exp.dataset, {split: examples}, (split,), i_beta, texts, beta.backend.identity, sampling)
-  out = [None] * len(items)
-  store_dir = exp.store_dir or os.path.join(exp.run_dir, 'infer_store')
-  with store.ShardWriter(store_dir, jax.process_index()) as writer:
-    for i, comp in beta.backend.map([(it.messages, it.seed) for it in items], sampling):
-      record = beta_run.build_record(items[i], comp, exp.dataset, beta.backend.identity, sampling,
-                                     type(beta.backend).__name__)
-      writer.append(record)
-      if record['error'] is not None:
-        raise RuntimeError(f'β failed on input {items[i].example["id"]}: {record["error"]}')
-      out[i] = record['rationale']
-  return out
-
-
 # ---- Command lines ----------------------------------------------------------------------------------------------
-
-def parse_gin(argv: list[str], prog: str, extra=None):
-  """--gin_file (repeatable, also relative to gin_configs/) and --gin.NAME=VALUE; unknown names fail fast."""
-  ap = argparse.ArgumentParser(prog=prog)
-  ap.add_argument('--gin_file', action='append', default=[], help='repeatable; relative to gin_configs/ or cwd')
-  if extra:
-    extra(ap)
-  args, rest = ap.parse_known_args(argv)
-  bindings = [a[len('--gin.'):] for a in rest if a.startswith('--gin.')]
-  unknown = [a for a in rest if not a.startswith('--gin.')]
-  if unknown:
-    ap.error(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE')
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger().addFilter(_GinPathNoise())
-  gin.add_config_file_search_path(GIN_DIR)
-  for path in args.gin_file:
-    if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_DIR, path)):
-      raise FileNotFoundError(f'--gin_file={path}: not found (looked in the current directory and {GIN_DIR})')
-  gin.parse_config_files_and_bindings(args.gin_file, bindings)  # raises naming any unknown configurable
-  return args
-
-
-class _GinPathNoise(logging.Filter):
-  """gin logs an ERROR for every search-path location it tries before the one that holds the file."""
-
-  def filter(self, record):
-    return not str(record.msg).startswith('Path not found: ')
-
-
-def _run(fn):
-  try:
-    return fn()
-  except ValueError as e:
-    if 'gin.macro' in str(e):  # an unbound %MACRO: name it plainly
-      raise ValueError(f'a required gin macro is not bound: {str(e).splitlines()[0]}') from None
-    raise
-
 
 def train_main(argv: list[str]) -> int:
   """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE]`: Algorithm 1, metrics in the run dir."""
-  parse_gin(argv, 'fiat train')
-  out = _run(lambda: build(Experiment(), Recipe()))
+  cli.parse_gin(argv, 'fiat train')
+  out = cli.name_missing_macros(lambda: build(Experiment(), Recipe()))
   print(json.dumps(headline(out), indent=1))
   return 0 if not out.get('preempted') else 3
 
 
 def evaluate_main(argv: list[str]) -> int:
   """`fiat evaluate --gin_file=<the run's files> [--reliance]`: scores the trained run again on a split."""
-  args = parse_gin(argv, 'fiat evaluate', lambda ap: ap.add_argument(
+  args = cli.parse_gin(argv, 'fiat evaluate', lambda ap: ap.add_argument(
       '--reliance', action='store_true', help='also with empty and with shuffled rationales (how much τ uses β)'))
   exp, recipe = Experiment(), Recipe()
   variants = ('stored', 'empty', 'shuffled') if args.reliance else (gin.query_parameter('evaluate_run.rationales')
-                                                                     if _bound('evaluate_run.rationales')
+                                                                     if cli.is_bound('evaluate_run.rationales')
                                                                      else 'stored',)
   for variant in variants:
-    result = _run(lambda v=variant: evaluate_run(exp, recipe, rationales=v))
+    result = cli.name_missing_macros(lambda v=variant: evaluate_run(exp, recipe, rationales=v))
     print(json.dumps(finite({'rationales': variant, **flat(result.get('result', result))})))
-  return 0
-
-
-def _bound(name: str) -> bool:
-  try:
-    gin.query_parameter(name)
-    return True
-  except ValueError:
-    return False
-
-
-def infer_main(argv: list[str]) -> int:
-  """`fiat infer --gin_file=<the run's files> --gin.infer.input_file=IN --gin.infer.output_file=OUT`."""
-  parse_gin(argv, 'fiat infer')
-  print(json.dumps(_run(lambda: infer(Experiment(), Recipe()))))
   return 0
 
 

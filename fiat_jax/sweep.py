@@ -9,6 +9,7 @@ import sys
 
 import gin
 
+from fiat_jax import cli
 from fiat_jax import run
 
 # FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse.
@@ -23,8 +24,8 @@ def run_files(setting: str, sizes: list[str], table: str) -> list[str]:
     names = ['icl'] if row == 'icl' else [f'{size.lower()}_{row}' for size in sizes]
     for name in names:
       path = f'runs/{setting}/{name}.gin'
-      if not os.path.exists(os.path.join(run.GIN_DIR, path)):
-        raise FileNotFoundError(f'{path}: no such run file in {run.GIN_DIR} (table {table}, setting {setting})')
+      if not os.path.exists(os.path.join(cli.GIN_DIR, path)):
+        raise FileNotFoundError(f'{path}: no such run file in {cli.GIN_DIR} (table {table}, setting {setting})')
       files.append(path)
   return files
 
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
   done = []
   for path in run_files(args.setting, args.sizes.split(','), args.table):
     gin.clear_config()
-    run.parse_gin([f'--gin_file={path}'] + rest, 'sweep')
+    cli.parse_gin([f'--gin_file={path}'] + rest, 'sweep')
     exp = run.Experiment()
     if not args.force and os.path.exists(os.path.join(exp.run_dir, run.METRICS_FILE)):
       print(f'sweep: {path}: {exp.run_dir} is finished, skipped')

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fiat_jax import checkpoint
+from fiat_jax import losses
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
 from fiat_jax import optim as optim_lib
@@ -92,19 +93,6 @@ def split_variables(mode: str, params, collections: dict | None = None) -> tuple
   return {"lora": collections["lora"]}, frozen
 
 
-def cross_entropy_sums(logits_NV, targets_N, weights_N, z_loss: float, label_smoothing: float):
-  """(sum of weighted training loss, sum of weighted negative log-likelihood) over N tokens."""
-  logits_NV = logits_NV.astype(jnp.float32)
-  log_z_N = jax.nn.logsumexp(logits_NV, axis=-1)
-  nll_N = log_z_N - jnp.take_along_axis(logits_NV, targets_N[:, None], axis=-1)[:, 0]
-  loss_N = nll_N
-  if label_smoothing:  # mix the one-hot target with the uniform distribution over the vocab
-    loss_N = (1 - label_smoothing) * nll_N + label_smoothing * (log_z_N - jnp.mean(logits_NV, axis=-1))
-  if z_loss:
-    loss_N = loss_N + z_loss * jnp.square(log_z_N)
-  return jnp.sum(loss_N * weights_N), jnp.sum(nll_N * weights_N)
-
-
 def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
   """Summed token loss of a batch and (sum of loss weights, summed NLL); divided by the caller, so that
   micro-batches and devices add up to exactly the full batch's mean."""
@@ -121,18 +109,15 @@ def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
   if L % C:
     raise ValueError(f"TrainConfig.loss_chunk={C} does not divide the sequence length {L}")
 
-  def chunk_sums(h_BCD, t_BC, w_BC):
-    logits = model.apply(variables, h_BCD, method="logits")
-    return cross_entropy_sums(logits.reshape(-1, logits.shape[-1]), t_BC.reshape(-1), w_BC.reshape(-1),
-                              tcfg.z_loss, tcfg.label_smoothing)
-
   if C == L:
-    loss_sum, nll_sum = chunk_sums(h_BLD, targets_BL, weights_BL)
-  else:  # scan over length chunks; each chunk's logits are recomputed in the backward pass, never all stored
-    split = lambda x: jnp.moveaxis(x.reshape(B, L // C, C, *x.shape[2:]), 1, 0)
-    body = jax.checkpoint(lambda carry, xs: (carry + jnp.stack(chunk_sums(*xs)), None), prevent_cse=False)
-    sums, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), (split(h_BLD), split(targets_BL), split(weights_BL)))
-    loss_sum, nll_sum = sums[0], sums[1]
+    logits = model.apply(variables, h_BLD, method="logits")
+    loss_sum, nll_sum = losses.cross_entropy_sums(logits.reshape(-1, logits.shape[-1]), targets_BL.reshape(-1),
+                                                  weights_BL.reshape(-1), tcfg.z_loss, tcfg.label_smoothing)
+  else:  # the vocabulary projection reads only the embedder's variables: pass those, trainable and frozen apart
+    head = lambda tree: {c: {"embedder": v["embedder"]} for c, v in tree.items() if "embedder" in v}
+    logits_fn = lambda t, f, h: model.apply({**f, **t}, h, method="logits")
+    loss_sum, nll_sum = losses.chunked_cross_entropy(logits_fn, h_BLD, head(trainable), head(frozen), targets_BL,
+                                                     weights_BL, C, tcfg.z_loss, tcfg.label_smoothing)
   return loss_sum, (jnp.sum(weights_BL), nll_sum)
 
 

@@ -6,6 +6,8 @@ import os
 import gin
 import pytest
 
+from fiat_jax import cli
+from fiat_jax import infer
 from fiat_jax import readers
 from fiat_jax import run
 from fiat_jax.beta import store
@@ -38,7 +40,7 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   inp.write_text(''.join(json.dumps(x, ensure_ascii=False) + '\n' for x in lines))
   before = len(store.read_records(str(root / 'store')))
   io = [f"--gin.infer.input_file='{inp}'", f"--gin.infer.output_file='{out}'"]
-  assert run.infer_main(argv + io) == 0
+  assert infer.main(argv + io) == 0
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta']
   assert [r['id'] for r in rows[:2]] == [ex['id'] for ex in known]
@@ -49,7 +51,7 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   gin.clear_config()
   # Run again: the new input's rationale is now stored, β is not asked; τ's answers are the same (greedy).
   out2 = root / 'out2.jsonl'
-  assert run.infer_main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
+  assert infer.main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
   rows2 = [json.loads(line) for line in out2.read_text().splitlines()]
   assert [r['rationale_source'] for r in rows2] == ['store', 'store', 'store']
   assert [r['prediction'] for r in rows2] == [r['prediction'] for r in rows]
@@ -64,7 +66,7 @@ def test_infer_rejects_bad_input_naming_line_and_field(trained, tmp_path):
                  json.dumps({'language': 'hi', 'question': 'q', 'title': 't'}) + '\n')
   gin.clear_config()
   with pytest.raises(readers.DataError, match=r"bad.jsonl:2: field 'context'"):
-    run.infer_main(argv + [f"--gin.infer.input_file='{bad}'", f"--gin.infer.output_file='{tmp_path / 'o'}'"])
+    infer.main(argv + [f"--gin.infer.input_file='{bad}'", f"--gin.infer.output_file='{tmp_path / 'o'}'"])
   gin.clear_config()
 
 
@@ -75,7 +77,7 @@ def test_merge_is_exact_for_the_trained_run(trained):
   from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   root, argv = trained
   gin.clear_config()
-  run.parse_gin(argv, 'test')
+  cli.parse_gin(argv, 'test')
   cfg, variables, _ = run.load_tau(run.Experiment(), run.Recipe())
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
   variables['lora'] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),

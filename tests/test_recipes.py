@@ -6,6 +6,7 @@ import os
 import gin
 import pytest
 
+from fiat_jax import cli
 from fiat_jax import readers
 from fiat_jax import run
 from fiat_jax.beta import store
@@ -36,19 +37,19 @@ def write_store(store_dir, dataset, data_dir):
 
 def parse(files, tmp_path, data=XOR, extra=()):
   gin.clear_config()
-  gin.add_config_file_search_path(run.GIN_DIR)
+  gin.add_config_file_search_path(cli.GIN_DIR)
   bindings = [m.format(data=data, runs=tmp_path / 'runs', store=tmp_path / 'store') for m in MACROS]
   gin.parse_config_files_and_bindings(list(files), bindings + list(extra))
 
 
 MINE = ('recipes', 'runs', 'datasets', 'sizes', 'beta', 'tiny.gin', 'demo.gin')  # models/ is tested with hf.py
-GIN_FILES = sorted(p for p in glob.glob(os.path.join(run.GIN_DIR, '**', '*.gin'), recursive=True)
-                   if os.path.relpath(p, run.GIN_DIR).split(os.sep)[0] in MINE)
+GIN_FILES = sorted(p for p in glob.glob(os.path.join(cli.GIN_DIR, '**', '*.gin'), recursive=True)
+                   if os.path.relpath(p, cli.GIN_DIR).split(os.sep)[0] in MINE)
 
 
 @pytest.mark.parametrize('path', GIN_FILES)
 def test_every_gin_file_loads_with_tiny_tau(path, tmp_path):
-  rel = os.path.relpath(path, run.GIN_DIR)
+  rel = os.path.relpath(path, cli.GIN_DIR)
   with open(path, encoding='utf-8') as f:
     head = f.read().split('\n', 1)[0]
   assert head.startswith('# ') and len(head) > 20, f'{rel}: needs a header comment'
@@ -76,9 +77,9 @@ def test_every_gin_file_loads_with_tiny_tau(path, tmp_path):
 def test_unknown_binding_fails_fast_naming_it(tmp_path):
   gin.clear_config()
   with pytest.raises(ValueError, match='no_such_field'):
-    run.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--gin.Experiment.no_such_field=1'], 'fiat train')
+    cli.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--gin.Experiment.no_such_field=1'], 'fiat train')
   with pytest.raises(SystemExit):
-    run.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--bogus'], 'fiat train')
+    cli.parse_gin(['--gin_file=runs/xor_attriqa/xs_fiat.gin', '--bogus'], 'fiat train')
   gin.clear_config()
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from fiat_jax import decoding
+from fiat_jax import lora as lora_lib
+from fiat_jax import losses
 from fiat_jax import model as model_lib
 from fiat_jax import optim
 from fiat_jax import sharding
@@ -132,24 +134,62 @@ def test_gradient_accumulation_over_four_micro_batches_equals_one_big_batch():
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(big[3])) > 1e-3
 
 
-def test_chunked_cross_entropy_equals_the_full_logits_loss():
-  cfg = tiny(tie_embeddings=False)
+@pytest.mark.parametrize("mode,tied,targets,z_loss,smoothing", [
+    ("peft", False, lora_lib.DENSE_TARGETS, 1e-3, 0.1),
+    ("peft", True, lora_lib.DENSE_TARGETS + ("unembed",), 0.0, 0.0),  # the projection itself has LoRA
+    ("peft", False, lora_lib.DENSE_TARGETS + ("unembed",), 1e-3, 0.0),
+    ("full", False, None, 0.0, 0.1),  # the unembedding is trainable
+    ("full", True, None, 0.0, 0.0),
+])
+def test_chunked_cross_entropy_equals_the_full_logits_loss(mode, tied, targets, z_loss, smoothing):
+  cfg = model_lib.tiny_config(vocab_size=VOCAB, tie_embeddings=tied)
+  if mode == "peft":
+    cfg = helpers.with_lora(cfg, rank=4, targets=targets)
   params = params_of(cfg)
-  trainable, frozen = train.split_variables("peft", params, lora_of(cfg, params))
+  trainable, frozen = train.split_variables(mode, params, lora_of(cfg, params) if mode == "peft" else None)
   batch = random_batch(4)
-  ref = _grads(cfg, train.TrainConfig(z_loss=1e-3, label_smoothing=0.1), trainable, frozen, batch)
-  chunked = _grads(cfg, train.TrainConfig(z_loss=1e-3, label_smoothing=0.1, loss_chunk=4), trainable, frozen, batch)
+  ref = _grads(cfg, train.TrainConfig(mode=mode, z_loss=z_loss, label_smoothing=smoothing), trainable, frozen, batch)
+  chunked = _grads(cfg, train.TrainConfig(mode=mode, z_loss=z_loss, label_smoothing=smoothing, loss_chunk=4),
+                   trainable, frozen, batch)
   np.testing.assert_allclose(chunked[0], ref[0], rtol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(chunked[3]), jax.tree_util.tree_leaves(ref[3])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_allclose(chunked[1], ref[1], rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(chunked[3]), jax.tree_util.tree_leaves(ref[3])):
+    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   with pytest.raises(ValueError, match="loss_chunk=5 does not divide the sequence length 16"):
     _grads(cfg, train.TrainConfig(loss_chunk=5), trainable, frozen, batch)
+
+
+@pytest.mark.parametrize("z_loss,smoothing", [(0.0, 0.0), (1e-2, 0.2)])
+def test_chunked_cross_entropy_vjp_of_both_sums_equals_autodiff(z_loss, smoothing):
+  """Cotangents on the loss and on the NLL (different when z-loss or smoothing is on) reach h and the head."""
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)
+  w_head = jnp.asarray(rng.normal(size=(4, 11)), jnp.float32)
+  frozen_bias = jnp.asarray(rng.normal(size=(11,)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 8)), jnp.int32)
+  weights = jnp.asarray(rng.integers(0, 2, (2, 8)), jnp.float32)
+  logits_fn = lambda p, f, x: x @ p["w"] + f["b"]
+
+  def plain(x, p):
+    return losses.cross_entropy_sums(logits_fn(p, {"b": frozen_bias}, x).reshape(-1, 11), targets.reshape(-1),
+                                     weights.reshape(-1), z_loss, smoothing)
+
+  def chunked(x, p):
+    return losses.chunked_cross_entropy(logits_fn, x, p, {"b": frozen_bias}, targets, weights, 2, z_loss, smoothing)
+
+  out_ref, vjp_ref = jax.vjp(plain, h, {"w": w_head})
+  out, vjp = jax.vjp(chunked, h, {"w": w_head})
+  np.testing.assert_allclose(out, out_ref, rtol=1e-6)
+  for cot in [(1.0, 0.0), (0.0, 1.0), (0.7, -1.3)]:
+    cot = tuple(jnp.float32(c) for c in cot)
+    for a, b in zip(jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(vjp_ref(cot))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_entropy_with_z_loss_and_label_smoothing_by_hand():
   logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
   targets, weights = jnp.array([0, 2]), jnp.array([1.0, 0.5])
-  loss, nll = train.cross_entropy_sums(logits, targets, weights, z_loss=0.01, label_smoothing=0.2)
+  loss, nll = losses.cross_entropy_sums(logits, targets, weights, z_loss=0.01, label_smoothing=0.2)
   log_z = np.log(np.exp(logits).sum(-1))
   nll_ref = log_z - np.array([2.0, 0.5])
   smooth = 0.8 * nll_ref + 0.2 * (log_z - np.asarray(logits).mean(-1))

@@ -1,6 +1,5 @@
 """`fiat rationales`: y_beta = argmax P(y | x; theta_beta, I_beta) for every example, stored once; `--status`; and
 the few-shot ICL baseline (beta's parsed answers on test, scored with the task metrics)."""
-import argparse
 import collections
 import dataclasses
 import json
@@ -11,6 +10,7 @@ import time
 
 import gin
 
+from fiat_jax import cli
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
 from fiat_jax.beta import store
@@ -208,25 +208,9 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
   return result
 
 
-def _parse(argv: list[str], prog: str, extra=None):
-  ap = argparse.ArgumentParser(prog=prog, description=__doc__)
-  ap.add_argument("--gin_file", action="append", default=[], help="repeatable")
-  if extra:
-    extra(ap)
-  args, rest = ap.parse_known_args(argv)
-  bindings = [a[len("--gin."):] for a in rest if a.startswith("--gin.")]
-  unknown = [a for a in rest if not a.startswith("--gin.")]
-  if unknown:
-    ap.error(f"unknown arguments: {unknown} (gin bindings are --gin.NAME=VALUE)")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  from fiat_jax import hf  # noqa: F401  pylint: disable=g-import-not-at-top  (local_beta loads through hf: its configurables must exist before gin parses)
-  gin.parse_config_files_and_bindings(args.gin_file, bindings)
-  return args
-
-
 def main(argv: list[str]) -> int:
   """`fiat rationales --gin_file=... [--gin.NAME=VALUE] [--status]`; exit 0 when nothing is left to ask."""
-  args = _parse(argv, "fiat rationales", lambda ap: ap.add_argument(
+  args = cli.parse_gin(argv, "fiat rationales", lambda ap: ap.add_argument(
       "--status", action="store_true", help="print done / failed / pending per split and language, ask nothing"))
   result = rationales(status_only=args.status)
   if args.status:
@@ -237,7 +221,7 @@ def main(argv: list[str]) -> int:
 
 def icl_main(argv: list[str]) -> int:
   """`fiat icl --gin_file=... [--gin.NAME=VALUE]`: prints (and writes) the ICL baseline's scores."""
-  _parse(argv, "fiat icl")
+  cli.parse_gin(argv, "fiat icl")
   print(json.dumps(icl_baseline(), indent=1))
   return 0
 

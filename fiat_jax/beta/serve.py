@@ -1,5 +1,4 @@
 """`fiat serve`: an OpenAI-compatible server (/v1/chat/completions, /v1/completions) for a LocalBeta."""
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -15,6 +14,7 @@ import uuid
 
 import gin
 
+from fiat_jax import cli
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
 
@@ -291,44 +291,37 @@ def serving_beta(beta=gin.REQUIRED):
 
 def main(argv: list[str]) -> int:
   """`fiat serve [--gin_file=F] [--gin.NAME=VALUE] [--tiny] [--host] [--port] ...`."""
-  ap = argparse.ArgumentParser(prog="fiat serve", description=__doc__)
-  ap.add_argument("--gin_file", action="append", default=[])
-  ap.add_argument("--tiny", action="store_true", help="serve a random tiny model (tests, demo)")
-  ap.add_argument("--tiny_seed", type=int, default=0)
-  ap.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 unless told otherwise")
-  ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port_file)")
-  ap.add_argument("--port_file", help="write the bound port here once listening")
-  ap.add_argument("--model_name", help="the name clients must ask for (default: beta's identity)")
-  ap.add_argument("--request_log", default="fiat_serve_requests.jsonl")
-  ap.add_argument("--api_key_env", help="name of an environment variable holding the key clients must send")
-  ap.add_argument("--max_batch", type=int, default=16)
-  ap.add_argument("--batch_wait_ms", type=float, default=5.0, help="least time a batch waits for more prompts")
-  ap.add_argument("--batch_wait_fraction", type=float, default=0.1,
-                  help="a batch waits up to this fraction of the last batch's decoding time for more prompts")
-  ap.add_argument("--max_new_tokens", type=int, default=256, help="when a request gives no max_tokens")
-  ap.add_argument("--inject_faults", default="", help="TEST ONLY: e.g. 429=0.1,500=0.1,malformed=0.05,stall=0.05")
-  ap.add_argument("--fault_seed", type=int, default=0)
-  ap.add_argument("--fault_retry_after_s", type=float, default=1.0)
-  ap.add_argument("--fault_stall_s", type=float, default=30.0)
-  args, rest = ap.parse_known_args(argv)
-  bindings = [a[len("--gin."):] for a in rest if a.startswith("--gin.")]
-  unknown = [a for a in rest if not a.startswith("--gin.")]
-  if unknown:
-    ap.error(f"unknown arguments: {unknown}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  if args.tiny:
-    beta = backends.tiny_local_beta(seed=args.tiny_seed)
-  else:
-    from fiat_jax import hf  # noqa: F401  pylint: disable=g-import-not-at-top  (local_beta loads through hf: its configurables must exist before gin parses)
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    beta = serving_beta()
+  def flags(ap):
+    ap.add_argument("--tiny", action="store_true", help="serve a random tiny model (tests, demo)")
+    ap.add_argument("--tiny_seed", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 unless told otherwise")
+    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port_file)")
+    ap.add_argument("--port_file", help="write the bound port here once listening")
+    ap.add_argument("--model_name", help="the name clients must ask for (default: beta's identity)")
+    ap.add_argument("--request_log", default="fiat_serve_requests.jsonl")
+    ap.add_argument("--api_key_env", help="name of an environment variable holding the key clients must send")
+    ap.add_argument("--max_batch", type=int, default=16)
+    ap.add_argument("--batch_wait_ms", type=float, default=5.0, help="least time a batch waits for more prompts")
+    ap.add_argument("--batch_wait_fraction", type=float, default=0.1,
+                    help="a batch waits up to this fraction of the last batch's decoding time for more prompts")
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="when a request gives no max_tokens")
+    ap.add_argument("--inject_faults", default="",
+                    help="TEST ONLY: e.g. 429=0.1,500=0.1,malformed=0.05,stall=0.05")
+    ap.add_argument("--fault_seed", type=int, default=0)
+    ap.add_argument("--fault_retry_after_s", type=float, default=1.0)
+    ap.add_argument("--fault_stall_s", type=float, default=30.0)
+
+  args = cli.parse_gin(argv, "fiat serve", flags, description=__doc__)
+  beta = backends.tiny_local_beta(seed=args.tiny_seed) if args.tiny else serving_beta()
   faults = None
   if args.inject_faults:
     faults = Faults(parse_faults(args.inject_faults), args.fault_seed, args.fault_retry_after_s, args.fault_stall_s)
     logging.warning("fiat serve: injecting faults %s (a test setting)", faults.rates)
   api_key = None
   if args.api_key_env:
-    api_key = os.environ.get(args.api_key_env) or ap.error(f"--api_key_env: {args.api_key_env} is not set")
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+      raise SystemExit(f"fiat serve: --api_key_env: {args.api_key_env} is not set")
   srv = start(beta, args.host, args.port, args.model_name, args.request_log, faults, max_batch=args.max_batch,
               batch_wait_s=args.batch_wait_ms / 1000, batch_wait_fraction=args.batch_wait_fraction,
               default_max_tokens=args.max_new_tokens, api_key=api_key)

@@ -1,0 +1,104 @@
+"""Token cross-entropy: the per-token loss (with z-loss and label smoothing), and a chunked form for large
+vocabularies that never holds the [B, L, V] logits and projects onto the vocabulary only once per step."""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy_sums(logits_NV, targets_N, weights_N, z_loss: float, label_smoothing: float):
+  """(sum of weighted training loss, sum of weighted negative log-likelihood) over N tokens."""
+  logits_NV = logits_NV.astype(jnp.float32)
+  log_z_N = jax.nn.logsumexp(logits_NV, axis=-1)
+  nll_N = log_z_N - jnp.take_along_axis(logits_NV, targets_N[:, None], axis=-1)[:, 0]
+  loss_N = nll_N
+  if label_smoothing:  # mix the one-hot target with the uniform distribution over the vocab
+    loss_N = (1 - label_smoothing) * nll_N + label_smoothing * (log_z_N - jnp.mean(logits_NV, axis=-1))
+  if z_loss:
+    loss_N = loss_N + z_loss * jnp.square(log_z_N)
+  return jnp.sum(loss_N * weights_N), jnp.sum(nll_N * weights_N)
+
+
+def _split(x, chunk: int):
+  """[B, L, ...] -> [L / chunk, B, chunk, ...]."""
+  B, L = x.shape[:2]
+  return jnp.moveaxis(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 1, 0)
+
+
+def _merge(x):
+  """The inverse of _split."""
+  n, B, C = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
+def chunked_cross_entropy(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss,
+                          label_smoothing):
+  """(loss sum, NLL sum) of the logits `logits_fn(head, frozen_head, h_BCD)` taken `chunk` positions at a time.
+
+  `head` holds the trainable parameters the projection reads (differentiated), `frozen_head` the frozen ones.
+  Differentiated, the forward pass computes each chunk's logits once and with them, at once, the gradients
+  w.r.t. h and `head` (softmax minus target through the projection's VJP), keeping those [B, L, D] and
+  head-sized results instead of any logits; the backward pass only scales them by the incoming cotangents.
+  (Autodiff of a chunked loss under jax.checkpoint projects every chunk onto the vocabulary a second time.)
+  """
+  return _sums(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss, label_smoothing)
+
+
+def _sums(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss, label_smoothing):
+  def body(carry, xs):
+    h_BCD, t_BC, w_BC = xs
+    logits = logits_fn(head, frozen_head, h_BCD)
+    sums = cross_entropy_sums(logits.reshape(-1, logits.shape[-1]), t_BC.reshape(-1), w_BC.reshape(-1), z_loss,
+                              label_smoothing)
+    return carry + jnp.stack(sums), None
+
+  xs = (_split(h_BLD, chunk), _split(targets_BL, chunk), _split(weights_BL, chunk))
+  sums, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), xs)
+  return sums[0], sums[1]
+
+
+def _fwd(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss, label_smoothing):
+  separate_nll = bool(z_loss or label_smoothing)  # otherwise the loss is the NLL and so are its gradients
+
+  def body(carry, xs):
+    sums, d_head = carry
+    h_BCD, t_BC, w_BC = xs
+    logits, project_vjp = jax.vjp(lambda h, p: logits_fn(p, frozen_head, h), h_BCD, head)
+    V = logits.shape[-1]
+    ce = lambda lg: cross_entropy_sums(lg.reshape(-1, V), t_BC.reshape(-1), w_BC.reshape(-1), z_loss,
+                                       label_smoothing)
+    chunk_sums, ce_vjp = jax.vjp(ce, logits)
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+    dh_loss, dp_loss = project_vjp(ce_vjp((one, zero))[0])
+    new_head, dh = [jax.tree_util.tree_map(jnp.add, d_head[0], dp_loss)], [dh_loss]
+    if separate_nll:
+      dh_nll, dp_nll = project_vjp(ce_vjp((zero, one))[0])
+      new_head.append(jax.tree_util.tree_map(jnp.add, d_head[1], dp_nll))
+      dh.append(dh_nll)
+    return (sums + jnp.stack(chunk_sums), tuple(new_head)), tuple(dh)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, head)
+  init = (jnp.zeros(2, jnp.float32), (zeros, zeros) if separate_nll else (zeros,))
+  xs = (_split(h_BLD, chunk), _split(targets_BL, chunk), _split(weights_BL, chunk))
+  (sums, d_head), dh = jax.lax.scan(body, init, xs)
+  dh = tuple(_merge(d).astype(h_BLD.dtype) for d in dh)
+  return (sums[0], sums[1]), (dh, d_head, frozen_head)
+
+
+def _bwd(logits_fn, chunk, z_loss, label_smoothing, res, g):
+  del logits_fn, chunk, z_loss, label_smoothing
+  dh, d_head, frozen_head = res
+  g_loss, g_nll = g
+  if len(dh) == 1:  # loss == NLL
+    scale = g_loss + g_nll
+    dh_total = dh[0] * scale.astype(dh[0].dtype)
+    head_total = jax.tree_util.tree_map(lambda d: d * scale.astype(d.dtype), d_head[0])
+  else:
+    dh_total = dh[0] * g_loss.astype(dh[0].dtype) + dh[1] * g_nll.astype(dh[1].dtype)
+    head_total = jax.tree_util.tree_map(lambda a, b: a * g_loss.astype(a.dtype) + b * g_nll.astype(b.dtype),
+                                        d_head[0], d_head[1])
+  return (dh_total, head_total, jax.tree_util.tree_map(jnp.zeros_like, frozen_head), None, None)
+
+
+chunked_cross_entropy.defvjp(_fwd, _bwd)
