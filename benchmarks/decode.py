@@ -110,9 +110,11 @@ def beta_benchmark(ours, requests: int, clients: int, new_tokens: int, prompt_ch
       t0 = time.perf_counter()
       direct_out = direct()
       t_direct = time.perf_counter() - t0
+      warm_batches = len(srv.batcher.batch_sizes)
       t0 = time.perf_counter()
       served_out = served(srv.url)
       t_served = time.perf_counter() - t0
+      batch_sizes = srv.batcher.batch_sizes[warm_batches:]
     finally:
       srv.shutdown()
   errors = [c.error for c in direct_out + served_out if c.error]
@@ -125,7 +127,7 @@ def beta_benchmark(ours, requests: int, clients: int, new_tokens: int, prompt_ch
                                                  tokens_per_s=out_tokens / t_direct),
               served=dict(seconds=t_served, requests_per_s=requests / t_served,
                           tokens_per_s=sum(c.tokens_out for c in served_out) / t_served),
-              overhead=t_served / t_direct - 1.0, identical_outputs=same)
+              overhead=t_served / t_direct - 1.0, identical_outputs=same, served_batch_sizes=batch_sizes)
 
 
 def environment() -> dict:
@@ -160,7 +162,7 @@ def report(result: dict) -> str:
               f"| fiat serve + HttpBeta | {b['served']['requests_per_s']:.2f} | {b['served']['tokens_per_s']:.1f} | "
               f"{b['served']['seconds']:.2f} |", "",
               f"server overhead: {100 * b['overhead']:+.1f}%; identical completions: "
-              f"{b['identical_outputs']}/{b['requests']}"]
+              f"{b['identical_outputs']}/{b['requests']}; the server's batches: {b['served_batch_sizes']}"]
   return "\n".join(lines)
 
 
