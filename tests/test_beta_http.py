@@ -263,7 +263,7 @@ def test_batcher_waits_for_clients_that_come_back(tiny_beta):
 
   class SlowBeta(backends.LocalBeta):
     def complete_texts(self, texts, sampling, seeds):
-      time.sleep(0.5)  # a batch's decoding time; the window becomes 0.1 x 0.5 s = 50 ms
+      time.sleep(1.5)  # a batch's decoding time; the window becomes at least 0.1 x 1.5 s = 150 ms
       return super().complete_texts(texts, sampling, seeds)
 
   slow = SlowBeta(tiny_beta.model, tiny_beta.variables, tiny_beta.vocab, tiny_beta.identity, batch_size=4,
@@ -282,7 +282,7 @@ def test_batcher_waits_for_clients_that_come_back(tiny_beta):
     t.start()
   for t in threads:
     t.join()
-  # The first batch opens with a 5 ms window (nothing decoded yet); every later one waits up to 50 ms.
+  # The first batch opens with a 5 ms window (nothing decoded yet); every later one waits up to 150 ms.
   assert sum(batcher.batch_sizes) == 12
   assert batcher.batch_sizes[-2:] == [4, 4], batcher.batch_sizes
 
