@@ -114,7 +114,7 @@ def beta_benchmark(ours, requests: int, clients: int, new_tokens: int, prompt_ch
       t0 = time.perf_counter()
       served_out = served(srv.url)
       t_served = time.perf_counter() - t0
-      batch_sizes = srv.batcher.batch_sizes[warm_batches:]
+      batch_sizes = list(srv.batcher.batch_sizes)[warm_batches:]
     finally:
       srv.shutdown()
   errors = [c.error for c in direct_out + served_out if c.error]

@@ -16,6 +16,9 @@ class _GinPathNoise(logging.Filter):
     return not str(record.msg).startswith('Path not found: ')
 
 
+_GIN_PATH_NOISE = _GinPathNoise()  # one instance: the root logger keeps it once however often modes parse
+
+
 def parse_gin(argv: list[str], prog: str, extra=None, description: str | None = None) -> argparse.Namespace:
   """Parses the flags (`extra(ap)` adds a mode's own), sets up logging and parses the gin files and bindings.
 
@@ -31,7 +34,7 @@ def parse_gin(argv: list[str], prog: str, extra=None, description: str | None = 
   if unknown:
     ap.error(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger().addFilter(_GinPathNoise())
+  logging.getLogger().addFilter(_GIN_PATH_NOISE)
   gin.add_config_file_search_path(GIN_DIR)
   for path in args.gin_file:
     if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_DIR, path)):

@@ -19,10 +19,10 @@ def cross_entropy_sums(logits_NV, targets_N, weights_N, z_loss: float, label_smo
   return jnp.sum(loss_N * weights_N), jnp.sum(nll_N * weights_N)
 
 
-def _split(x, chunk: int):
-  """[B, L, ...] -> [L / chunk, B, chunk, ...]."""
-  B, L = x.shape[:2]
-  return jnp.moveaxis(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 1, 0)
+def _split(chunk: int, *xs):
+  """Each [B, L, ...] -> [L / chunk, B, chunk, ...]: the scan's per-chunk inputs."""
+  B, L = xs[0].shape[:2]
+  return tuple(jnp.moveaxis(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 1, 0) for x in xs)
 
 
 def _merge(x):
@@ -53,8 +53,7 @@ def _sums(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_
                               label_smoothing)
     return carry + jnp.stack(sums), None
 
-  xs = (_split(h_BLD, chunk), _split(targets_BL, chunk), _split(weights_BL, chunk))
-  sums, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), xs)
+  sums, _ = jax.lax.scan(body, jnp.zeros(2, jnp.float32), _split(chunk, h_BLD, targets_BL, weights_BL))
   return sums[0], sums[1]
 
 
@@ -80,8 +79,7 @@ def _fwd(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_l
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, head)
   init = (jnp.zeros(2, jnp.float32), (zeros, zeros) if separate_nll else (zeros,))
-  xs = (_split(h_BLD, chunk), _split(targets_BL, chunk), _split(weights_BL, chunk))
-  (sums, d_head), dh = jax.lax.scan(body, init, xs)
+  (sums, d_head), dh = jax.lax.scan(body, init, _split(chunk, h_BLD, targets_BL, weights_BL))
   dh = tuple(_merge(d).astype(h_BLD.dtype) for d in dh)
   return (sums[0], sums[1]), (dh, d_head, frozen_head)
 
@@ -89,15 +87,10 @@ def _fwd(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_l
 def _bwd(logits_fn, chunk, z_loss, label_smoothing, res, g):
   del logits_fn, chunk, z_loss, label_smoothing
   dh, d_head, frozen_head = res
-  g_loss, g_nll = g
-  if len(dh) == 1:  # loss == NLL
-    scale = g_loss + g_nll
-    dh_total = dh[0] * scale.astype(dh[0].dtype)
-    head_total = jax.tree_util.tree_map(lambda d: d * scale.astype(d.dtype), d_head[0])
-  else:
-    dh_total = dh[0] * g_loss.astype(dh[0].dtype) + dh[1] * g_nll.astype(dh[1].dtype)
-    head_total = jax.tree_util.tree_map(lambda a, b: a * g_loss.astype(a.dtype) + b * g_nll.astype(b.dtype),
-                                        d_head[0], d_head[1])
+  g_loss, g_nll = g  # without z-loss and smoothing the NLL's gradients are the loss's: [-1] is [0]
+  dh_total = dh[0] * g_loss.astype(dh[0].dtype) + dh[-1] * g_nll.astype(dh[-1].dtype)
+  head_total = jax.tree_util.tree_map(lambda a, b: a * g_loss.astype(a.dtype) + b * g_nll.astype(b.dtype),
+                                      d_head[0], d_head[-1])
   return (dh_total, head_total, jax.tree_util.tree_map(jnp.zeros_like, frozen_head), None, None)
 
 

@@ -104,7 +104,7 @@ def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
   h_BLD, _ = model.apply(variables, tokens_BL, batch.get("decoder_positions"), batch.get("decoder_segment_ids"),
                          batch.get("decoder_causal_attention"), deterministic=key is None, return_hidden=True,
                          rngs=rngs)
-  B, L, D = h_BLD.shape
+  L = h_BLD.shape[1]
   C = tcfg.loss_chunk or L
   if L % C:
     raise ValueError(f"TrainConfig.loss_chunk={C} does not divide the sequence length {L}")

@@ -284,7 +284,7 @@ def test_batcher_waits_for_clients_that_come_back(tiny_beta):
     t.join()
   # The first batch opens with a 5 ms window (nothing decoded yet); every later one waits up to 150 ms.
   assert sum(batcher.batch_sizes) == 12
-  assert batcher.batch_sizes[-2:] == [4, 4], batcher.batch_sizes
+  assert list(batcher.batch_sizes)[-2:] == [4, 4], batcher.batch_sizes
 
 
 def test_retry_after_header_forms():

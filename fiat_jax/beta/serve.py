@@ -1,4 +1,5 @@
 """`fiat serve`: an OpenAI-compatible server (/v1/chat/completions, /v1/completions) for a LocalBeta."""
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -70,7 +71,7 @@ class Batcher:
                wait_fraction: float = 0.1):
     self.beta, self.max_batch, self.wait_s, self.wait_fraction = beta, max_batch, wait_s, wait_fraction
     self.last_decode_s = 0.0
-    self.batch_sizes: list[int] = []  # one entry per decoded batch, for monitoring and tests
+    self.batch_sizes = collections.deque(maxlen=10_000)  # the latest batches' sizes, for monitoring and tests
     self._queue: queue.Queue = queue.Queue()
     threading.Thread(target=self._loop, name="beta-batcher", daemon=True).start()
 
