@@ -19,6 +19,13 @@ far more than XLA's (steps 4x to 5x slower), and the peak itself drops by half.
 
 Smoke run: python benchmarks/train_step.py --steps 1 --warmup 1 --batch 1 --seq 64
 """
+import sys
+
+if __name__ == "__main__" and sys.argv[1:3] in (["--worker", "ours_lora"], ["--worker", "ours_full"]):
+  # Our workers start as the `fiat` command starts: glibc malloc settings before numpy starts its threads.
+  from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
+  malloc.keep_freed_memory()
+
 import argparse
 import functools
 import json
@@ -27,7 +34,6 @@ import platform
 import resource
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -12,12 +12,17 @@
 
   python -m fiat_jax.demo [--out_dir=demo_out] [--quick]
 """
+import sys
+
+if __name__ == '__main__':  # as the `fiat` command: glibc malloc settings before numpy or jax start threads
+  from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
+  malloc.keep_freed_memory()
+
 import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 
 import flax.linen as nn

@@ -2,6 +2,8 @@
 import importlib
 import sys
 
+from fiat_jax import malloc
+
 # mode -> "module:function"; each function takes argv (without the mode) and returns an exit code.
 MODES = {
     "rationales": "fiat_jax.beta.run:main",
@@ -18,6 +20,7 @@ MODES = {
 
 def run(argv: list[str] | None = None) -> int:
   """Console-script entry point."""
+  malloc.keep_freed_memory()  # before any library starts its threads
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] not in MODES:
     print(f"usage: fiat {{{','.join(MODES)}}} [--gin_file=... --gin.NAME=VALUE ...]", file=sys.stderr)

@@ -3,9 +3,14 @@ that needs it); finished rows (metrics.json present) are skipped, so a killed sw
 
   python -m fiat_jax.sweep --setting=xtreme_up_indic --sizes=XS,S --table=3 --gin.DATA_DIR=... (any gin flags)
 """
+import sys
+
+if __name__ == '__main__':  # as the `fiat` command: glibc malloc settings before numpy or jax start threads
+  from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
+  malloc.keep_freed_memory()
+
 import argparse
 import os
-import sys
 
 import gin
 
