@@ -4,9 +4,9 @@
 The base tree (`params`) is never touched: LoRA weights live in the `lora` collection (trainable) and, for
 PiSSA, the initial factors in `lora_init` (frozen). A target module with rank R holds
   a [in, R] (random), b [R, out] (zeros, so the model starts as the base model), and for DoRA m [out].
-This is the file to edit to try a LoRA variant: `delta` (the forward), `_init_target` and `_merge_kernel`.
-`low_rank` is the plain product x A B with a hand-written gradient (for speed); a variant's own terms can be plain jnp
-code, which autodiff differentiates.
+This is the file to edit to try a LoRA variant: `Dense.project` (the forward), `_init_target` and `_merge_kernel`.
+`lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) have hand-written
+gradients, for speed and memory; a variant's own terms can be plain jnp code, which autodiff differentiates.
 """
 import dataclasses
 import functools
@@ -84,6 +84,36 @@ def _low_rank_bwd(scale, res, g_O):
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_dense(x, xd, w_IO, a_IR, b_RO, scale: float):
+  """x W + (xd A) B · scale (xd: x after LoRA dropout, or x itself) as one matmul: [x, s xd A] @ [W; B].
+
+  One product writes the sum, so the layer keeps one [.., out] activation for the backward pass instead of the
+  base and LoRA outputs side by side (XLA fuses an add into each of its consumers and keeps both addends: for
+  the MLP's gate and up that was two extra [B*L, F] buffers per layer). The backward pass is again one product
+  over both: g [W; B]^T gives x's gradient and the rank-R intermediate's."""
+  return _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale)[0]
+
+
+def _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale):
+  h_R = jnp.dot(xd, a_IR) * scale
+  y = jnp.dot(jnp.concatenate([x, h_R], -1), jnp.concatenate([w_IO, b_RO], 0))
+  return y, (x, xd, w_IO, a_IR, b_RO, h_R)
+
+
+def _lora_dense_bwd(scale, res, g_O):
+  x, xd, w_IO, a_IR, b_RO, h_R = res
+  g_cat = jnp.dot(g_O, jnp.concatenate([w_IO, b_RO], 0).T)
+  g_x, g_R = g_cat[..., :x.shape[-1]], g_cat[..., x.shape[-1]:] * scale
+  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
+  # W's gradient is only computed where W trains (full tuning with LoRA); XLA drops it otherwise.
+  return (g_x, jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_O, (rows, rows)), jnp.tensordot(xd, g_R, (rows, rows)),
+          jnp.tensordot(h_R, g_O, (rows, rows)))
+
+
+lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
+
+
 class Dense(nn.Module):
   """A bias-optional projection x @ kernel [in, out], with the configured LoRA variant when targeted."""
   features: int
@@ -98,30 +128,32 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
     if _active(self.lora, self.name, self):
-      y = self.delta(x, y, kernel, deterministic)
+      y = self.project(x, kernel, deterministic)
+    else:
+      y = jnp.dot(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
-  def delta(self, x, y, kernel, deterministic):
-    """y = x W  ->  x W'  for the configured variant (before the bias)."""
+  def project(self, x, kernel, deterministic):
+    """x W' for the configured variant (before the bias), W' = W ⊕ the LoRA factors."""
     cfg = self.lora
     a, b = _get(self, "lora", "a").astype(self.dtype), _get(self, "lora", "b").astype(self.dtype)
     xd = nn.Dropout(cfg.dropout)(x, deterministic=deterministic) if cfg.dropout else x
-    lora_y = low_rank(xd, a, b, cfg.scale)
-    if cfg.variant == "lora":
-      return y + lora_y
-    if cfg.variant == "pissa":  # the base keeps its principal part: subtract the frozen initial factors.
+    if cfg.variant == "pissa":  # the base keeps its principal part: subtract the frozen initial factors (the two
+      # products are computed alike, so at init the output is the base output exactly).
       a0, b0 = _get(self, "lora_init", "a").astype(self.dtype), _get(self, "lora_init", "b").astype(self.dtype)
-      return y + (lora_y - low_rank(xd, a0, b0, cfg.scale))
+      return jnp.dot(x, kernel.astype(self.dtype)) + (low_rank(xd, a, b, cfg.scale) - low_rank(xd, a0, b0, cfg.scale))
+    y = lora_dense(x, xd, kernel.astype(self.dtype), a, b, cfg.scale)
+    if cfg.variant == "lora":
+      return y
     # DoRA: magnitude m times the unit-norm direction of W + s A B; the norm is not differentiated (DoRA §4.3).
     w = kernel.astype(jnp.float32) + cfg.scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
     ratio = _get(self, "lora", "m").astype(jnp.float32) / jax.lax.stop_gradient(_column_norm(w))
-    return ((y + lora_y) * ratio).astype(y.dtype)
+    return (y * ratio).astype(y.dtype)
 
 
 class Embed(nn.Module):

@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fiat_jax import lora as lora_lib
 
@@ -203,7 +204,7 @@ class Attention(nn.Module):
     return out_BLD, new_cache
 
 
-class Mlp(nn.Module):
+class _Mlp(nn.Module):
   """Gated (SwiGLU / GeGLU) or plain feed-forward block."""
   cfg: Config
 
@@ -214,11 +215,18 @@ class Mlp(nn.Module):
                                                  param_dtype=cfg.param_dtype, name=name)
     act = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
            "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}[cfg.activation]
-    h_BLF = act(dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic))
+    first = dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic)
+    h_BLF = act(checkpoint_name(first, "mlp_projection"))
     if cfg.gated_mlp:
-      h_BLF = h_BLF * dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic)
+      h_BLF = h_BLF * checkpoint_name(dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic),
+                                      "mlp_projection")
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
     return dense(cfg.embed_dim, ("mlp", "embed"), "down")(h_BLF, deterministic)
+
+
+# The backward pass keeps the MLP's projections ([B, L, F] each) and recomputes the activation and the gated
+# product from them (elementwise), instead of keeping those two more [B, L, F] tensors per layer.
+Mlp = nn.remat(_Mlp, static_argnums=(2,), policy=jax.checkpoint_policies.save_only_these_names("mlp_projection"))
 
 
 class Block(nn.Module):

@@ -121,13 +121,35 @@ def test_low_rank_gradients_equal_autodiff_of_the_plain_product():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant,rslora", [("lora", False), ("lora", True), ("dora", False), ("pissa", False)])
-def test_model_gradients_equal_autodiff_of_the_plain_product(variant, rslora, monkeypatch):
-  """All variants, with dropout on x: the LoRA (and base) gradients do not depend on low_rank's hand-written VJP."""
-  cfg = helpers.with_lora(model_lib.tiny_config(tie_embeddings=False), rank=4, variant=variant, rslora=rslora,
-                          dropout=0.1, targets=lora_lib.DENSE_TARGETS + ("unembed",))
-  params = helpers.tiny_params(cfg)
-  cols = helpers.perturbed_lora(cfg, params)
+def test_lora_dense_gradients_equal_autodiff_of_the_plain_sum():
+  kx, kd, kw, ka, kb, kg = jax.random.split(jax.random.PRNGKey(1), 6)
+  x, xd = jax.random.normal(kx, (2, 5, 6)), jax.random.normal(kd, (2, 5, 6))
+  w, a, b = jax.random.normal(kw, (6, 7)), jax.random.normal(ka, (6, 3)), jax.random.normal(kb, (3, 7))
+  g = jax.random.normal(kg, (2, 5, 7))
+  y, vjp = jax.vjp(lambda *t: lora_lib.lora_dense(*t, 1.7), x, xd, w, a, b)
+  y_ref, vjp_ref = jax.vjp(lambda x, xd, w, a, b: jnp.dot(x, w) + jnp.dot(jnp.dot(xd, a), b) * 1.7, x, xd, w, a, b)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,rslora,dropout", [("lora", False, 0.0), ("lora", False, 0.1), ("lora", True, 0.1),
+                                                    ("dora", False, 0.1), ("pissa", False, 0.0), ("pissa", False, 0.1)])
+def test_model_gradients_equal_autodiff_of_the_plain_product(variant, rslora, dropout, monkeypatch):
+  """All variants, with and without dropout on x: the LoRA (and base) gradients do not depend on the hand-written
+  VJPs of lora_dense and low_rank. In float64, so that only a wrong gradient, not float32's summation order (which
+  the one-matmul lora_dense changes, ~1e-5 relative), can exceed the tolerance."""
+  with jax.enable_x64(True):
+    _model_gradients_equal_autodiff(variant, rslora, dropout, monkeypatch)
+
+
+def _model_gradients_equal_autodiff(variant, rslora, dropout, monkeypatch):
+  cfg = helpers.with_lora(model_lib.tiny_config(tie_embeddings=False, dtype="float64", param_dtype="float64"),
+                          rank=4, variant=variant, rslora=rslora, dropout=dropout,
+                          targets=lora_lib.DENSE_TARGETS + ("unembed",))
+  f64 = lambda tree: jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), tree)
+  params = f64(helpers.tiny_params(cfg))
+  cols = f64(helpers.perturbed_lora(cfg, params))
   m = model_lib.Transformer(cfg)
 
   def grads(trainable):
@@ -139,7 +161,10 @@ def test_model_gradients_equal_autodiff_of_the_plain_product(variant, rslora, mo
 
   got, got_all = grads({"lora"}), grads({"lora", "params"})
   monkeypatch.setattr(lora_lib, "low_rank", lambda x, a, b, scale: jnp.dot(jnp.dot(x, a), b) * scale)
+  monkeypatch.setattr(lora_lib, "lora_dense",
+                      lambda x, xd, w, a, b, scale: jnp.dot(x, w) + jnp.dot(jnp.dot(xd, a), b) * scale)
   want, want_all = grads({"lora"}), grads({"lora", "params"})
   assert set(got) == {"lora"}  # a frozen base gets no gradient
   for g, w in zip(jax.tree_util.tree_leaves((got, got_all)), jax.tree_util.tree_leaves((want, want_all))):
-    assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-7  # float32 summation order only
+    assert g.dtype == jnp.float64
+    assert float(jnp.abs(g - w).max()) <= 1e-12 * float(jnp.abs(w).max())
