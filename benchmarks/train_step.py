@@ -7,8 +7,10 @@ SwiGLU MLP 1408, vocab 32000 (untied), float32; LoRA rank 8, alpha 16 on q, k, v
 Batch 8 x 512 random token ids (one fixed numpy seed, the same for both). Every measurement runs in its own
 subprocess of this script (`--worker NAME`), so that each reports its own peak RSS and the peer can be started
 with glibc malloc tunables (they must be in the environment before the process starts). The peer runs twice, as
-installed and with GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736; ours is
-compared with the faster of the two. The machine's float32 matmul peak (a jitted 4096^3 jnp.dot, best of
+installed and with GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736, and ours
+runs as installed and with FIAT_GLIBC_MALLOC=reuse (fiat_jax/malloc.py, our own equivalent, which those tunables
+do not achieve for XLA's threads); each side's faster run gives the speed ratio and its lower peak RSS the memory
+ratio. The machine's float32 matmul peak (a jitted 4096^3 jnp.dot, best of
 several) is the denominator of the model-FLOPs utilisation (MFU). Our LoRA step is also timed once more with
 TrainConfig.micro_batches=8 (the same update, accumulated over 8 slices of the batch): an extra row, outside the
 ratios. The machine must be otherwise idle: with both cores busy elsewhere, PyTorch's OpenMP threads slow down
@@ -22,7 +24,8 @@ Smoke run: python benchmarks/train_step.py --steps 1 --warmup 1 --batch 1 --seq 
 import sys
 
 if __name__ == "__main__" and sys.argv[1:3] in (["--worker", "ours_lora"], ["--worker", "ours_full"]):
-  # Our workers start as the `fiat` command starts: glibc malloc settings before numpy starts its threads.
+  # Our workers start as the `fiat` command starts: with FIAT_GLIBC_MALLOC=reuse, glibc malloc settings before
+  # numpy starts its threads.
   from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
   malloc.keep_freed_memory()
 
@@ -108,6 +111,7 @@ def _mib(kib: float) -> float:
 def _finish(result: dict) -> dict:
   result["peak_rss_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+  result["fiat_glibc_malloc"] = os.environ.get("FIAT_GLIBC_MALLOC")
   result["loadavg_end"] = os.getloadavg()
   return result
 
@@ -290,18 +294,23 @@ RESULT_TAG = "TRAIN_STEP_RESULT "
 # ---- Driver ---------------------------------------------------------------------------------------------------
 
 def run_worker(name: str, args, tunables: bool = False, micro_batches: int | None = None) -> dict:
-  """Runs `--worker name` in a fresh process (with or without the glibc tunables) and returns its JSON."""
+  """Runs `--worker name` in a fresh process (with or without its malloc settings: the glibc tunables for the peer,
+  FIAT_GLIBC_MALLOC=reuse for ours) and returns its JSON."""
   micro_batches = args.micro_batches if micro_batches is None else micro_batches
   env = dict(os.environ)
   env.pop("GLIBC_TUNABLES", None)
-  if tunables:
+  env.pop("FIAT_GLIBC_MALLOC", None)
+  if tunables and name.startswith("ours"):
+    env["FIAT_GLIBC_MALLOC"] = "reuse"
+  elif tunables:
     env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps), "--warmup",
          str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed),
          "--loss_chunk", str(args.loss_chunk), "--micro_batches", str(micro_batches),
          "--torch_threads", str(args.torch_threads)] + (["--remat"] if args.remat else []) + (
              ["--no_torch_peak"] if args.no_torch_peak else [])
-  label = name + (" (GLIBC_TUNABLES)" if tunables else "") + (
+  label = name + ((" (FIAT_GLIBC_MALLOC=reuse)" if name.startswith("ours") else " (GLIBC_TUNABLES)") if tunables
+                  else "") + (
       f" (micro_batches={micro_batches})" if micro_batches != args.micro_batches else "")
   print(f"[train_step] running {label} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
@@ -350,11 +359,13 @@ def summarise(result: dict) -> dict:
     run["mfu"] = run["model_flops"] / run["step_s"] / peak
   r = result["runs"]
   best_peer = min(("torch_lora", "torch_lora_tunables"), key=lambda k: r[k]["step_s"])
+  best_ours = min(("ours_lora", "ours_lora_tunables"), key=lambda k: r[k]["step_s"])
   lowest_peer_rss = min(r["torch_lora"]["peak_rss_mib"], r["torch_lora_tunables"]["peak_rss_mib"])
-  result["best_peer_lora"] = best_peer
-  result["peer_lora_peak_rss_mib"] = lowest_peer_rss
-  result["ratio_ours_over_peer"] = r["ours_lora"]["tokens_per_s"] / r[best_peer]["tokens_per_s"]
-  result["lora_peak_memory_ours_over_peer"] = r["ours_lora"]["peak_rss_mib"] / lowest_peer_rss
+  lowest_ours_rss = min(r["ours_lora"]["peak_rss_mib"], r["ours_lora_tunables"]["peak_rss_mib"])
+  result.update(best_peer_lora=best_peer, best_ours_lora=best_ours, peer_lora_peak_rss_mib=lowest_peer_rss,
+                ours_lora_peak_rss_mib=lowest_ours_rss)
+  result["ratio_ours_over_peer"] = r[best_ours]["tokens_per_s"] / r[best_peer]["tokens_per_s"]
+  result["lora_peak_memory_ours_over_peer"] = lowest_ours_rss / lowest_peer_rss
   if "ours_lora_variant" in r:
     v = r["ours_lora_variant"]
     result["variant"] = dict(micro_batches=v["micro_batches"],
@@ -375,11 +386,13 @@ def report(result: dict) -> str:
   """The markdown table benchmarks/README.md shows, then the ratio lines."""
   a, env, r = result["args"], result["environment"], result["runs"]
   peak = result["peak"]
-  env_name = lambda run: "GLIBC tunables" if run.get("glibc_tunables") else "as installed"
-  rows = [("fiat-jax LoRA (train_step, jit + donation)", "ours_lora"),
+  env_name = lambda run: ("GLIBC tunables" if run.get("glibc_tunables") else
+                          "FIAT_GLIBC_MALLOC=reuse" if run.get("fiat_glibc_malloc") else "as installed")
+  rows = [("fiat-jax LoRA (train_step, jit + donation; as installed)", "ours_lora"),
+          ("fiat-jax LoRA (FIAT_GLIBC_MALLOC=reuse)", "ours_lora_tunables"),
           ("transformers + peft LoRA (as installed)", "torch_lora"),
           ("transformers + peft LoRA (GLIBC tunables)", "torch_lora_tunables"),
-          ("fiat-jax full fine-tuning", "ours_full"),
+          (f"fiat-jax full fine-tuning ({env_name(r['ours_full'])})", "ours_full"),
           (f"transformers full fine-tuning ({env_name(r['torch_full'])})", "torch_full")]
   if "ours_lora_variant" in r:
     rows.append((f"fiat-jax LoRA, micro_batches={r['ours_lora_variant']['micro_batches']} (extra, not in the ratios)",
@@ -401,15 +414,18 @@ def report(result: dict) -> str:
                  f"{x['peak_rss_mib']:.0f} |")
   lines += ["", f"ratio ours/peer: {result['ratio_ours_over_peer']:.2f}",
             f"LoRA peak memory ours/peer: {result['lora_peak_memory_ours_over_peer']:.2f}", "",
-            f"Peer's faster LoRA run: {env_name(r[result['best_peer_lora']])}; the memory ratio divides by the lower "
-            f"peak RSS of the peer's two LoRA runs ({result['peer_lora_peak_rss_mib']:.0f} MiB)."]
+            f"Faster LoRA runs: ours {env_name(r[result['best_ours_lora']])}, the peer's "
+            f"{env_name(r[result['best_peer_lora']])}; the memory ratio divides the lower peak RSS of our two LoRA "
+            f"runs ({result['ours_lora_peak_rss_mib']:.0f} MiB) by the lower of the peer's two "
+            f"({result['peer_lora_peak_rss_mib']:.0f} MiB)."]
   if "variant" in result:
     v = result["variant"]
     lines.append(f"Extra row, micro_batches={v['micro_batches']} (the same batch-{a['batch']} update accumulated over "
                  f"{v['micro_batches']} slices; the peer was not run with gradient accumulation): tokens/s over the "
                  f"peer's best {v['ratio_ours_over_peer']:.2f}, peak RSS over the peer's "
                  f"{v['lora_peak_memory_ours_over_peer']:.2f}.")
-  for key, label in (("ours_lora", "ours LoRA"), ("ours_lora_variant", "ours LoRA micro-batched"),
+  for key, label in (("ours_lora", "ours LoRA"), ("ours_lora_tunables", "ours LoRA, FIAT_GLIBC_MALLOC=reuse"),
+                     ("ours_lora_variant", "ours LoRA micro-batched"),
                      ("ours_full", "ours full")):
     m = r.get(key, {}).get("compiled_memory_mib")
     if m and "error" not in m:
@@ -453,13 +469,15 @@ def main(argv: list[str]) -> int:
   result["peak"] = run_worker("peak", args)
   runs = {}
   runs["ours_lora"] = run_worker("ours_lora", args)
+  runs["ours_lora_tunables"] = run_worker("ours_lora", args, tunables=True)
   runs["torch_lora"] = run_worker("torch_lora", args)
   runs["torch_lora_tunables"] = run_worker("torch_lora", args, tunables=True)
   v = args.variant_micro_batches
   if v and v != args.micro_batches and args.batch % v == 0:
     runs["ours_lora_variant"] = run_worker("ours_lora", args, micro_batches=v)
-  runs["ours_full"] = run_worker("ours_full", args)
-  # The peer's full fine-tuning runs with whichever setting made its LoRA step faster.
+  # Each side's full fine-tuning runs with whichever setting made its LoRA step faster.
+  runs["ours_full"] = run_worker("ours_full", args,
+                                 tunables=runs["ours_lora_tunables"]["step_s"] < runs["ours_lora"]["step_s"])
   runs["torch_full"] = run_worker("torch_full", args,
                                   tunables=runs["torch_lora_tunables"]["step_s"] < runs["torch_lora"]["step_s"])
   result["runs"] = runs

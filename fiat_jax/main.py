@@ -20,7 +20,7 @@ MODES = {
 
 def run(argv: list[str] | None = None) -> int:
   """Console-script entry point."""
-  malloc.keep_freed_memory()  # before any library starts its threads
+  malloc.keep_freed_memory()  # with FIAT_GLIBC_MALLOC=reuse; before any library starts its threads
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] not in MODES:
     print(f"usage: fiat {{{','.join(MODES)}}} [--gin_file=... --gin.NAME=VALUE ...]", file=sys.stderr)

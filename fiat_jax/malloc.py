@@ -7,13 +7,14 @@ page-faults all of it in again (for the train-step benchmark's config, 2.5 GiB a
 step, a quarter of the step's CPU time spent in the kernel). The environment variable `GLIBC_TUNABLES` with
 `mmap_max=0` does not cure it, because glibc still falls back to `mmap` in non-main arenas.
 
-`keep_freed_memory()` makes every thread allocate from the main arena, which grows with `brk`, and never trims
-or maps it away, so a step reuses the previous step's pages. The same buffers are live at the peak, but freed
-memory is never returned, and when small allocations land in the hole a step's temporaries left before the next
-step asks for it again, the heap grows by that much once (the train-step benchmark's LoRA step: peak RSS ~5.7 GB
-rather than ~3.1 GB in 4 of 10 runs here, with a 14 s step where the heap grew). The `fiat` command, the demo and
-the sweep call it first thing; set `FIAT_GLIBC_MALLOC=default` to keep glibc's own settings. It must run before
-the process starts threads (numpy's BLAS pool does at import): arenas already handed out stay in use.
+With `FIAT_GLIBC_MALLOC=reuse` in the environment, `keep_freed_memory()` makes every thread allocate from the main
+arena, which grows with `brk`, and never trims or maps it away, so a step reuses the previous step's pages (the
+train-step benchmark's LoRA step: ~7.2 s -> ~6.0 s here). It is off by default because freed memory is never
+returned, and when small allocations land in the hole a step's temporaries left before the next step asks for
+it again, the heap grows by that much once: the same benchmark's peak RSS was ~5 GB rather than ~3 GB in 5 of 11
+runs here, with a 14 s step where the heap grew. The `fiat` command, the demo and the sweep call it first thing;
+it must run before the process starts threads (numpy's BLAS pool does at import): arenas already handed out stay
+in use.
 """
 import ctypes
 import ctypes.util
@@ -30,8 +31,12 @@ ENV = "FIAT_GLIBC_MALLOC"
 
 
 def keep_freed_memory() -> bool:
-  """Sets one arena, no mmap and no trimming; False where this is not glibc or it is switched off."""
-  if os.environ.get(ENV, "") == "default":
+  """With FIAT_GLIBC_MALLOC=reuse: one arena, no mmap and no trimming. False where it is not asked for (or not
+  glibc); any other value of the variable is an error."""
+  setting = os.environ.get(ENV, "")
+  if setting not in ("", "default", "reuse"):
+    raise ValueError(f"environment variable {ENV}={setting!r}: use 'reuse' (keep freed memory mapped) or 'default'")
+  if setting != "reuse":
     return False
   path = ctypes.util.find_library("c")
   try:

@@ -144,6 +144,20 @@ def _softmax_bwd(p, g):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
+
+
+def _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, group, softcap):
+  """softmax(q k^T, masked) v for one set of query rows against one set of key slots ([B, L, K, G, E] out)."""
+  logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, group(k_BSKE.astype(q_BLKGE.dtype)),
+                            preferred_element_type=jnp.float32)
+  if softcap:
+    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, NEG_INF)
+  probs_BKGLS = softmax(logits_BKGLS).astype(v_BSKE.dtype)
+  return jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, group(v_BSKE.astype(probs_BKGLS.dtype)))
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with RoPE, optional q/k norm, soft-capping and a KV cache."""
   cfg: Config
@@ -191,15 +205,17 @@ class Attention(nn.Module):
       group = lambda t_BSKE: jnp.broadcast_to(t_BSKE[:, :, :, None], (*t_BSKE.shape[:3], G, E))
     else:
       kv, group = "BSKE", lambda t_BSKE: t_BSKE
-    logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, group(k_BSKE.astype(q_BLKGE.dtype)),
-                              preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-      logits_BKGLS = jnp.tanh(logits_BKGLS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, NEG_INF)
-    probs_BKGLS = softmax(logits_BKGLS).astype(v_BSKE.dtype)
-    out_BLKGE = jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, group(v_BSKE.astype(probs_BKGLS.dtype)))
+    attend = lambda q, k, v, mask: _attend(q, k, v, mask, kv, group, cfg.attn_logit_softcap)
+    Q = QUERY_BLOCK
+    if cache is None and not cfg.prefix_lm and L % Q == 0 and L > Q:
+      # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the diagonal
+      # (all masked) are neither computed nor kept for the backward pass: 10 of 16 at L = 4Q.
+      out_BLKGE = jnp.concatenate([attend(q_BLKGE[:, i:i + Q], k_BSKE[:, :i + Q], v_BSKE[:, :i + Q],
+                                          mask_BLS[:, i:i + Q, :i + Q]) for i in range(0, L, Q)], axis=1)
+    else:
+      out_BLKGE = attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS)
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
 

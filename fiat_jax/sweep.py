@@ -5,7 +5,7 @@ that needs it); finished rows (metrics.json present) are skipped, so a killed sw
 """
 import sys
 
-if __name__ == '__main__':  # as the `fiat` command: glibc malloc settings before numpy or jax start threads
+if __name__ == '__main__':  # as `fiat`: FIAT_GLIBC_MALLOC=reuse's settings before numpy or jax start threads
   from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
   malloc.keep_freed_memory()
 

@@ -133,6 +133,33 @@ def test_attention_softmax_gradient_equals_autodiff(name, monkeypatch):
     assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-7  # float32 summation order only
 
 
+@pytest.mark.parametrize("name,prefix_lm", [("llama_gqa", False), ("mqa", False), ("gemma2", False),
+                                             ("llama_gqa", True)])
+def test_causal_query_blocks_equal_full_attention(name, prefix_lm, monkeypatch):
+  """Query blocks that skip the all-masked keys give the full attention's logits and gradients, through packing
+  and padding, soft-capping and sliding windows; a prefix LM (keys past the row are visible) keeps full attention."""
+  cfg = model_lib.tiny_config(**VARIANTS[name], prefix_lm=prefix_lm)
+  params = helpers.tiny_params(cfg)
+  tokens = jnp.arange(1, 33).reshape(2, 16) * 7 % cfg.vocab_size
+  kw = dict(segment_ids_BL=jnp.array([[1] * 6 + [2] * 7 + [0] * 3, [1] * 16]),
+            bidirectional_BL=jnp.array([[1] * 3 + [0] * 13, [1] * 5 + [0] * 11]))
+
+  def run():  # a new function each time: make_jaxpr caches traces by function
+    logits = lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]
+    return (logits(params), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(params),
+            str(jax.make_jaxpr(logits)(params)).count("dot_general"))
+
+  monkeypatch.setattr(model_lib, "QUERY_BLOCK", 4)
+  got, got_grads, got_dots = run()
+  monkeypatch.setattr(model_lib, "QUERY_BLOCK", 16)
+  want, want_grads, want_dots = run()
+  # 4 blocks of 4 rows: two attention products per block instead of two per layer.
+  assert got_dots - want_dots == (0 if prefix_lm else 2 * 3 * cfg.num_layers)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+    assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-7  # float32 summation order only
+
+
 # Published parameter counts: google/gemma-2-2b and meta-llama/Llama-2-7b-hf.
 GEMMA2_2B = model_lib.Config(vocab_size=256_000, num_layers=26, embed_dim=2304, num_heads=8, num_kv_heads=4,
                              head_dim=256, mlp_dim=9216, **GEMMA2_LIKE | dict(sliding_window=4096,
