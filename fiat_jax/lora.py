@@ -78,7 +78,7 @@ def _low_rank_bwd(scale, res, g_O):
   x, a_IR, b_RO, h_R = res
   g_R = jnp.dot(g_O, b_RO.T) * scale
   rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
-  return (jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_R, (rows, rows)), jnp.tensordot(h_R, g_O, (rows, rows)))
+  return (jnp.dot(g_R, a_IR.T), jnp.tensordot(g_R, x, (rows, rows)).T, jnp.tensordot(h_R, g_O, (rows, rows)))
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
@@ -107,7 +107,7 @@ def _lora_dense_bwd(scale, res, g_O):
   g_x, g_R = g_cat[..., :x.shape[-1]], g_cat[..., x.shape[-1]:] * scale
   rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
   # W's gradient is only computed where W trains (full tuning with LoRA); XLA drops it otherwise.
-  return (g_x, jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_O, (rows, rows)), jnp.tensordot(xd, g_R, (rows, rows)),
+  return (g_x, jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_O, (rows, rows)), jnp.tensordot(g_R, xd, (rows, rows)).T,
           jnp.tensordot(h_R, g_O, (rows, rows)))
 
 
