@@ -11,10 +11,10 @@ With `FIAT_GLIBC_MALLOC=reuse` in the environment, `keep_freed_memory()` makes e
 arena, which grows with `brk`, and never trims or maps it away, so a step reuses the previous step's pages (the
 train-step benchmark's LoRA step: ~7.2 s -> ~6.0 s here). It is off by default because freed memory is never
 returned, and when small allocations land in the hole a step's temporaries left before the next step asks for
-it again, the heap grows by that much once: the same benchmark's peak RSS was ~5 GB rather than ~3 GB in 5 of 11
-runs here, with a 14 s step where the heap grew. The `fiat` command, the demo and the sweep call it first thing;
-it must run before the process starts threads (numpy's BLAS pool does at import): arenas already handed out stay
-in use.
+it again, the heap grows by that much once: the same benchmark's peak RSS was ~5 GB rather than ~3 GB in some
+runs here (about half before `lora.lora_dense`, 1 of 13 after), with a 14 s step where the heap grew. The `fiat`
+command, the demo and the sweep call it first thing; it must run before the process starts threads (numpy's
+BLAS pool does at import): arenas already handed out stay in use.
 """
 import ctypes
 import ctypes.util
