@@ -6,6 +6,7 @@ Axis legend, used in einsum strings and variable suffixes:
   head (H = K*G), E head dim, F mlp dim, V vocab, R LoRA rank.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -124,38 +125,80 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
   return mask
 
 
-@jax.custom_vjp
-def softmax(x):
-  """Softmax over the last axis, whose backward pass keeps and reads only the output p: dx = p (g - sum(p g)).
-  (jax.nn.softmax's default gradient differentiates exp(x - max) / sum: it keeps the exponentials and a broadcast
-  1/sum, two more [B, K, G, L, S] tensors per layer.)"""
-  return jax.nn.softmax(x, axis=-1)
-
-
-def _softmax_fwd(x):
-  p = jax.nn.softmax(x, axis=-1)
-  return p, p
-
-
-def _softmax_bwd(p, g):
-  return (p * (g - jnp.sum(p * g, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
 QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
 
 
-def _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, group, softcap):
-  """softmax(q k^T, masked) v for one set of query rows against one set of key slots ([B, L, K, G, E] out)."""
-  logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, group(k_BSKE.astype(q_BLKGE.dtype)),
-                            preferred_element_type=jnp.float32)
+def _group(t_BSKE, kv, groups):
+  """Keys/values as the attention products read them: broadcast over the query group when kv is 'BSKGE'."""
+  return jnp.broadcast_to(t_BSKE[:, :, :, None], (*t_BSKE.shape[:3], groups, t_BSKE.shape[-1])) if kv == "BSKGE" \
+      else t_BSKE
+
+
+def _accumulator(dtype):
+  """Products accumulate in float32, or in float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _capped_logits(q_BLKGE, k_BSKE, kv, softcap):
+  logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, _group(k_BSKE.astype(q_BLKGE.dtype), kv, q_BLKGE.shape[3]),
+                            preferred_element_type=_accumulator(q_BLKGE.dtype))
+  return jnp.tanh(logits_BKGLS / softcap) * softcap if softcap else logits_BKGLS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap):
+  """softmax(q k^T, masked) v for one set of query rows against one set of key slots ([B, L, K, G, E] out).
+
+  kv is the einsum spelling of keys/values: 'BSKGE' broadcasts them over the query group G, which makes G a batch
+  dim of both products (XLA on CPU then writes the scores straight in [B, K, G, L, S] rather than one [S, G*L]
+  product per kv head that it transposes); 'BSKE' reads them as they are (a KV cache, where the broadcast would be
+  a copy of it). The backward pass keeps no [B, K, G, L, S] tensor: it recomputes the probabilities from q, k and
+  the rows' max and sum (as FlashAttention does), so a layer keeps only q, k, v, its output and [B, K, G, L] floats."""
+  return _attend_fwd(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap)[0]
+
+
+def _attend_fwd(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap):
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q_BLKGE, k_BSKE, kv, softcap), NEG_INF)
+  max_BKGL1 = jnp.max(logits_BKGLS, axis=-1, keepdims=True)
+  exp_BKGLS = jnp.exp(logits_BKGLS - max_BKGL1)
+  sum_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
+  probs_BKGLS = (exp_BKGLS / sum_BKGL1).astype(v_BSKE.dtype)
+  out_BLKGE = jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, _group(v_BSKE.astype(probs_BKGLS.dtype), kv,
+                                                                     q_BLKGE.shape[3]))
+  # The row max and sum rather than their log-sum-exp: a fully masked row's max is NEG_INF, beside which
+  # log(S) vanishes in float32.
+  return out_BLKGE, (q_BLKGE, k_BSKE, v_BSKE, mask_BLS, out_BLKGE, max_BKGL1, sum_BKGL1)
+
+
+def _attend_bwd(kv, softcap, residuals, g_BLKGE):
+  # The scores are recomputed, transposed ([S, L]), in ONE batched product with dP = g v^T: stacking (k, v) against
+  # (q, g) makes the recomputation depend on the cotangent, so XLA can neither merge it with the forward's product
+  # nor schedule it before the backward pass reaches this layer (either would keep the probabilities alive after
+  # all; XLA's CPU pipeline drops optimization barriers, so a barrier would not do).
+  q_BLKGE, k_BSKE, v_BSKE, mask_BLS, out_BLKGE, max_BKGL1, sum_BKGL1 = residuals
+  acc = _accumulator(q_BLKGE.dtype)
+  both_2BKGSL = jnp.einsum("TBSKE,TBLKGE->TBKGSL", jnp.stack([k_BSKE, v_BSKE]).astype(q_BLKGE.dtype),
+                           jnp.stack([q_BLKGE, g_BLKGE.astype(q_BLKGE.dtype)]), preferred_element_type=acc)
+  logits_BKGSL, g_probs_BKGSL = both_2BKGSL[0], both_2BKGSL[1]
+  mask_BKGSL = jnp.swapaxes(mask_BLS, 1, 2)[:, None, None]
   if softcap:
-    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, NEG_INF)
-  probs_BKGLS = softmax(logits_BKGLS).astype(v_BSKE.dtype)
-  return jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, group(v_BSKE.astype(probs_BKGLS.dtype)))
+    logits_BKGSL = jnp.tanh(logits_BKGSL / softcap) * softcap
+  probs_BKGSL = (jnp.exp(jnp.where(mask_BKGSL, logits_BKGSL, NEG_INF) - jnp.swapaxes(max_BKGL1, -1, -2))
+                 / jnp.swapaxes(sum_BKGL1, -1, -2))
+  g_out_BLKGE = g_BLKGE.astype(v_BSKE.dtype)
+  g_v_BSKE = jnp.einsum("BKGSL,BLKGE->BSKE", probs_BKGSL.astype(v_BSKE.dtype), g_out_BLKGE, preferred_element_type=acc)
+  # softmax's VJP, p (g - sum(p g)), with sum_S p g = sum_E out g_out.
+  row_BKG1L = jnp.einsum("BLKGE,BLKGE->BKGL", g_BLKGE, out_BLKGE, preferred_element_type=acc)[..., None, :]
+  g_logits_BKGSL = jnp.where(mask_BKGSL, probs_BKGSL * (g_probs_BKGSL - row_BKG1L), 0.0)
+  if softcap:
+    g_logits_BKGSL = g_logits_BKGSL * (1.0 - jnp.square(logits_BKGSL / softcap))
+  g_logits_BKGSL = g_logits_BKGSL.astype(q_BLKGE.dtype)
+  g_q_BLKGE = jnp.einsum("BKGSL,BSKE->BLKGE", g_logits_BKGSL, k_BSKE.astype(q_BLKGE.dtype), preferred_element_type=acc)
+  g_k_BSKE = jnp.einsum("BKGSL,BLKGE->BSKE", g_logits_BKGSL, q_BLKGE, preferred_element_type=acc)
+  return (g_q_BLKGE.astype(q_BLKGE.dtype), g_k_BSKE.astype(k_BSKE.dtype), g_v_BSKE.astype(v_BSKE.dtype), None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nn.Module):
@@ -196,18 +239,11 @@ class Attention(nn.Module):
       new_cache = dict(k=k_BSKE, v=v_BSKE)
     G = H // K
     q_BLKGE = q_BLHE.reshape(B, L, K, G, E)
-    # Without a cache (training, scoring), keys and values broadcast over G make G a batch dim of both matmuls, so
-    # XLA (CPU) writes the scores straight in [B, K, G, L, S] rather than as one [S, G*L] product per kv head that it
-    # then transposes, forward and backward. With a cache they stay [B, S, K, E]: there the broadcast was a copy of
-    # the cache and made prefill and decoding slower.
-    if cache is None:
-      kv = "BSKGE"
-      group = lambda t_BSKE: jnp.broadcast_to(t_BSKE[:, :, :, None], (*t_BSKE.shape[:3], G, E))
-    else:
-      kv, group = "BSKE", lambda t_BSKE: t_BSKE
+    # Without a cache (training, scoring) keys and values are broadcast over G (see _attend).
+    kv = "BSKGE" if cache is None else "BSKE"
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    attend = lambda q, k, v, mask: _attend(q, k, v, mask, kv, group, cfg.attn_logit_softcap)
+    attend = lambda q, k, v, mask: _attend(q, k, v, mask, kv, cfg.attn_logit_softcap)
     Q = QUERY_BLOCK
     if cache is None and not cfg.prefix_lm and L % Q == 0 and L > Q:
       # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the diagonal

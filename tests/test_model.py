@@ -118,19 +118,49 @@ def test_remat_gives_identical_logits_and_grads():
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 
 
+def _plain_attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap):
+  logits = jnp.where(mask_BLS[:, None, None], model_lib._capped_logits(q_BLKGE, k_BSKE, kv, softcap), model_lib.NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum(f"BKGLS,{kv}->BLKGE", probs, model_lib._group(v_BSKE, kv, q_BLKGE.shape[3]))
+
+
 @pytest.mark.parametrize("name", ["llama_gqa", "mqa", "gemma2"])
-def test_attention_softmax_gradient_equals_autodiff(name, monkeypatch):
-  """softmax's hand-written VJP, through GQA/MQA, soft-capping, sliding windows, a prefix and padding."""
-  cfg = model_lib.tiny_config(**VARIANTS[name], prefix_lm=True)
-  params = helpers.tiny_params(cfg)
-  tokens = jnp.arange(1, 11)[None] * 7 % cfg.vocab_size
-  kw = dict(segment_ids_BL=jnp.array([[1] * 8 + [0] * 2]), bidirectional_BL=jnp.array([[1] * 3 + [0] * 7]))
-  loss = lambda p: jnp.sum(jnp.sin(model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]))
-  got = jax.grad(loss)(params)
-  monkeypatch.setattr(model_lib, "softmax", lambda x: jax.nn.softmax(x, axis=-1))
-  want = jax.grad(loss)(params)
-  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-    assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-7  # float32 summation order only
+def test_attention_gradient_equals_autodiff(name, monkeypatch):
+  """The attention's hand-written VJP (probabilities recomputed from the rows' max and sum), through GQA/MQA,
+  soft-capping, sliding windows, a prefix and padding, equals autodiff of plain softmax attention: in float64,
+  where only a wrong gradient can exceed 1e-12."""
+  with jax.enable_x64(True):
+    cfg = model_lib.tiny_config(**VARIANTS[name], prefix_lm=True, dtype="float64", param_dtype="float64")
+    params = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), helpers.tiny_params(cfg))
+    tokens = jnp.arange(1, 11)[None] * 7 % cfg.vocab_size
+    kw = dict(segment_ids_BL=jnp.array([[1] * 8 + [0] * 2]), bidirectional_BL=jnp.array([[1] * 3 + [0] * 7]))
+    loss = lambda p: jnp.sum(jnp.sin(model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]))
+    got = jax.grad(loss)(params)
+    monkeypatch.setattr(model_lib, "_attend", _plain_attend)
+    want = jax.grad(loss)(params)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      assert g.dtype == jnp.float64
+      assert float(jnp.abs(g - w).max()) <= 1e-12 * float(jnp.abs(w).max())
+
+
+@pytest.mark.parametrize("kv,softcap", [("BSKGE", None), ("BSKGE", 2.0), ("BSKE", None), ("BSKE", 2.0)])
+def test_attend_vjp_equals_autodiff_with_fully_masked_rows(kv, softcap):
+  """_attend alone, on a random mask with a fully masked query row (whose probabilities are uniform, 1/S, in both
+  passes): values and gradients of q, k and v equal plain softmax attention in float64."""
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    B, L, S, K, G, E = 2, 5, 7, 2, 3, 4
+    q, w = (jnp.asarray(rng.normal(size=(B, L, K, G, E))) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(B, S, K, E))) for _ in range(2))
+    mask = jnp.asarray(rng.random((B, L, S)) > 0.3).at[0, 1].set(False)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, kv, softcap)) * w)
+    np.testing.assert_allclose(model_lib._attend(q, k, v, mask, kv, softcap), _plain_attend(q, k, v, mask, kv, softcap),
+                               rtol=1e-13, atol=1e-13)
+    got = jax.grad(loss(model_lib._attend), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(_plain_attend), argnums=(0, 1, 2))(q, k, v)
+    for g, x in zip(got, want):
+      assert g.dtype == jnp.float64
+      assert float(jnp.abs(g - x).max()) <= 1e-12 * float(jnp.abs(x).max())
 
 
 @pytest.mark.parametrize("name,prefix_lm", [("llama_gqa", False), ("mqa", False), ("gemma2", False),
