@@ -127,11 +127,12 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
 
 QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
 
-
-def _group(t_BSKE, kv, groups):
-  """Keys/values as the attention products read them: broadcast over the query group when kv is 'BSKGE'."""
-  return jnp.broadcast_to(t_BSKE[:, :, :, None], (*t_BSKE.shape[:3], groups, t_BSKE.shape[-1])) if kv == "BSKGE" \
-      else t_BSKE
+# Einsum spellings of (queries and outputs, keys and values) that _attend accepts. Training and scoring use the
+# head-major one, into which Attention transposes q, k and v once per layer: G and L are then adjacent, so every
+# product is one [G*L, E] x [E, S] (or its transpose) per (batch, kv head) with no copy of k or v per query head.
+# With a KV cache the cache keeps its [B, S, K, E] layout (a transpose would copy the whole cache every step).
+HEAD_MAJOR = ("BKGLE", "BKSE")
+TOKEN_MAJOR = ("BLKGE", "BSKE")
 
 
 def _accumulator(dtype):
@@ -139,63 +140,61 @@ def _accumulator(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _capped_logits(q_BLKGE, k_BSKE, kv, softcap):
-  logits_BKGLS = jnp.einsum(f"BLKGE,{kv}->BKGLS", q_BLKGE, _group(k_BSKE.astype(q_BLKGE.dtype), kv, q_BLKGE.shape[3]),
-                            preferred_element_type=_accumulator(q_BLKGE.dtype))
+def _capped_logits(q, k, layout, softcap):
+  qs, ks = layout
+  logits_BKGLS = jnp.einsum(f"{qs},{ks}->BKGLS", q, k.astype(q.dtype), preferred_element_type=_accumulator(q.dtype))
   return jnp.tanh(logits_BKGLS / softcap) * softcap if softcap else logits_BKGLS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap):
-  """softmax(q k^T, masked) v for one set of query rows against one set of key slots ([B, L, K, G, E] out).
+def _attend(q, k, v, mask_BLS, layout, softcap):
+  """softmax(q k^T, masked) v for one set of query rows against one set of key slots, in `layout` (HEAD_MAJOR or
+  TOKEN_MAJOR: q and the output [B, K, G, L, E] or [B, L, K, G, E]; k and v [B, K, S, E] or [B, S, K, E]).
 
-  kv is the einsum spelling of keys/values: 'BSKGE' broadcasts them over the query group G, which makes G a batch
-  dim of both products (XLA on CPU then writes the scores straight in [B, K, G, L, S] rather than one [S, G*L]
-  product per kv head that it transposes); 'BSKE' reads them as they are (a KV cache, where the broadcast would be
-  a copy of it). The backward pass keeps no [B, K, G, L, S] tensor: it recomputes the probabilities from q, k and
-  the rows' max and sum (as FlashAttention does), so a layer keeps only q, k, v, its output and [B, K, G, L] floats."""
-  return _attend_fwd(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap)[0]
+  The backward pass keeps no [B, K, G, L, S] tensor: it recomputes the probabilities from q, k and the rows' max and
+  sum (as FlashAttention does), so a layer keeps only q, k, v, its output and [B, K, G, L] floats."""
+  return _attend_fwd(q, k, v, mask_BLS, layout, softcap)[0]
 
 
-def _attend_fwd(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, kv, softcap):
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q_BLKGE, k_BSKE, kv, softcap), NEG_INF)
+def _attend_fwd(q, k, v, mask_BLS, layout, softcap):
+  qs, ks = layout
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q, k, layout, softcap), NEG_INF)
   max_BKGL1 = jnp.max(logits_BKGLS, axis=-1, keepdims=True)
   exp_BKGLS = jnp.exp(logits_BKGLS - max_BKGL1)
   sum_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
-  probs_BKGLS = (exp_BKGLS / sum_BKGL1).astype(v_BSKE.dtype)
-  out_BLKGE = jnp.einsum(f"BKGLS,{kv}->BLKGE", probs_BKGLS, _group(v_BSKE.astype(probs_BKGLS.dtype), kv,
-                                                                     q_BLKGE.shape[3]))
+  probs_BKGLS = (exp_BKGLS / sum_BKGL1).astype(v.dtype)
+  out = jnp.einsum(f"BKGLS,{ks}->{qs}", probs_BKGLS, v)
   # The row max and sum rather than their log-sum-exp: a fully masked row's max is NEG_INF, beside which
   # log(S) vanishes in float32.
-  return out_BLKGE, (q_BLKGE, k_BSKE, v_BSKE, mask_BLS, out_BLKGE, max_BKGL1, sum_BKGL1)
+  return out, (q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1)
 
 
-def _attend_bwd(kv, softcap, residuals, g_BLKGE):
+def _attend_bwd(layout, softcap, residuals, g):
   # The scores are recomputed, transposed ([S, L]), in ONE batched product with dP = g v^T: stacking (k, v) against
   # (q, g) makes the recomputation depend on the cotangent, so XLA can neither merge it with the forward's product
   # nor schedule it before the backward pass reaches this layer (either would keep the probabilities alive after
   # all; XLA's CPU pipeline drops optimization barriers, so a barrier would not do).
-  q_BLKGE, k_BSKE, v_BSKE, mask_BLS, out_BLKGE, max_BKGL1, sum_BKGL1 = residuals
-  acc = _accumulator(q_BLKGE.dtype)
-  both_2BKGSL = jnp.einsum("TBSKE,TBLKGE->TBKGSL", jnp.stack([k_BSKE, v_BSKE]).astype(q_BLKGE.dtype),
-                           jnp.stack([q_BLKGE, g_BLKGE.astype(q_BLKGE.dtype)]), preferred_element_type=acc)
+  qs, ks = layout
+  q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1 = residuals
+  acc = _accumulator(q.dtype)
+  both_2BKGSL = jnp.einsum(f"T{ks},T{qs}->TBKGSL", jnp.stack([k, v]).astype(q.dtype),
+                           jnp.stack([q, g.astype(q.dtype)]), preferred_element_type=acc)
   logits_BKGSL, g_probs_BKGSL = both_2BKGSL[0], both_2BKGSL[1]
   mask_BKGSL = jnp.swapaxes(mask_BLS, 1, 2)[:, None, None]
   if softcap:
     logits_BKGSL = jnp.tanh(logits_BKGSL / softcap) * softcap
   probs_BKGSL = (jnp.exp(jnp.where(mask_BKGSL, logits_BKGSL, NEG_INF) - jnp.swapaxes(max_BKGL1, -1, -2))
                  / jnp.swapaxes(sum_BKGL1, -1, -2))
-  g_out_BLKGE = g_BLKGE.astype(v_BSKE.dtype)
-  g_v_BSKE = jnp.einsum("BKGSL,BLKGE->BSKE", probs_BKGSL.astype(v_BSKE.dtype), g_out_BLKGE, preferred_element_type=acc)
+  g_v = jnp.einsum(f"BKGSL,{qs}->{ks}", probs_BKGSL.astype(v.dtype), g.astype(v.dtype), preferred_element_type=acc)
   # softmax's VJP, p (g - sum(p g)), with sum_S p g = sum_E out g_out.
-  row_BKG1L = jnp.einsum("BLKGE,BLKGE->BKGL", g_BLKGE, out_BLKGE, preferred_element_type=acc)[..., None, :]
+  row_BKG1L = jnp.einsum(f"{qs},{qs}->BKGL", g, out, preferred_element_type=acc)[..., None, :]
   g_logits_BKGSL = jnp.where(mask_BKGSL, probs_BKGSL * (g_probs_BKGSL - row_BKG1L), 0.0)
   if softcap:
     g_logits_BKGSL = g_logits_BKGSL * (1.0 - jnp.square(logits_BKGSL / softcap))
-  g_logits_BKGSL = g_logits_BKGSL.astype(q_BLKGE.dtype)
-  g_q_BLKGE = jnp.einsum("BKGSL,BSKE->BLKGE", g_logits_BKGSL, k_BSKE.astype(q_BLKGE.dtype), preferred_element_type=acc)
-  g_k_BSKE = jnp.einsum("BKGSL,BLKGE->BSKE", g_logits_BKGSL, q_BLKGE, preferred_element_type=acc)
-  return (g_q_BLKGE.astype(q_BLKGE.dtype), g_k_BSKE.astype(k_BSKE.dtype), g_v_BSKE.astype(v_BSKE.dtype), None)
+  g_logits_BKGSL = g_logits_BKGSL.astype(q.dtype)
+  g_q = jnp.einsum(f"BKGSL,{ks}->{qs}", g_logits_BKGSL, k.astype(q.dtype), preferred_element_type=acc)
+  g_k = jnp.einsum(f"BKGSL,{qs}->{ks}", g_logits_BKGSL, q, preferred_element_type=acc)
+  return g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -237,21 +236,24 @@ class Attention(nn.Module):
       k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
       k_slot_S, q_slot_L = jnp.arange(k_BSKE.shape[1]), q_slot_L + idx
       new_cache = dict(k=k_BSKE, v=v_BSKE)
-    G = H // K
-    q_BLKGE = q_BLHE.reshape(B, L, K, G, E)
-    # Without a cache (training, scoring) keys and values are broadcast over G (see _attend).
-    kv = "BSKGE" if cache is None else "BSKE"
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    attend = lambda q, k, v, mask: _attend(q, k, v, mask, kv, cfg.attn_logit_softcap)
-    Q = QUERY_BLOCK
-    if cache is None and not cfg.prefix_lm and L % Q == 0 and L > Q:
-      # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the diagonal
-      # (all masked) are neither computed nor kept for the backward pass: 10 of 16 at L = 4Q.
-      out_BLKGE = jnp.concatenate([attend(q_BLKGE[:, i:i + Q], k_BSKE[:, :i + Q], v_BSKE[:, :i + Q],
-                                          mask_BLS[:, i:i + Q, :i + Q]) for i in range(0, L, Q)], axis=1)
+    q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+    if cache is not None:
+      out_BLKGE = _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, TOKEN_MAJOR, cfg.attn_logit_softcap)
     else:
-      out_BLKGE = attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS)
+      q_BKGLE = q_BLKGE.transpose(0, 2, 3, 1, 4)
+      k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
+      attend = lambda i, j, keys: _attend(q_BKGLE[:, :, :, i:j], k_BKSE[:, :, :keys], v_BKSE[:, :, :keys],
+                                          mask_BLS[:, i:j, :keys], HEAD_MAJOR, cfg.attn_logit_softcap)
+      Q = QUERY_BLOCK
+      if not cfg.prefix_lm and L % Q == 0 and L > Q:
+        # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the
+        # diagonal (all masked) are never computed: 10 of 16 at L = 4Q.
+        out_BKGLE = jnp.concatenate([attend(i, i + Q, i + Q) for i in range(0, L, Q)], axis=3)
+      else:
+        out_BKGLE = attend(0, L, L)
+      out_BLKGE = out_BKGLE.transpose(0, 3, 1, 2, 4)
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
 
