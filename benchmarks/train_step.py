@@ -16,7 +16,7 @@ TrainConfig.micro_batches=8 (the same update, accumulated over 8 slices of the b
 ratios. The machine must be otherwise idle: with both cores busy elsewhere, PyTorch's OpenMP threads slow down
 far more than XLA's (steps 4x to 5x slower), and the peak itself drops by half.
 
-  python benchmarks/train_step.py [--steps 5 --warmup 2 --batch 8 --seq 512] [--loss_chunk 64] [--remat]
+  python benchmarks/train_step.py [--steps 5 --warmup 2 --batch 8 --seq 512] [--loss_chunk 32] [--remat]
       [--micro_batches 1] [--variant_micro_batches 8] [--torch_threads 0] [--json out.json]
 
 Smoke run: python benchmarks/train_step.py --steps 1 --warmup 1 --batch 1 --seq 64
@@ -446,7 +446,7 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--seed", type=int, default=0, help="numpy seed of the token ids")
-  ap.add_argument("--loss_chunk", type=int, default=64, help="ours: TrainConfig.loss_chunk (0: none)")
+  ap.add_argument("--loss_chunk", type=int, default=32, help="ours: TrainConfig.loss_chunk (0: none)")
   ap.add_argument("--remat", action="store_true", help="ours: model Config.remat=True")
   ap.add_argument("--micro_batches", type=int, default=1,
                   help="ours: TrainConfig.micro_batches (gradient accumulation over slices of the same batch)")

@@ -12,7 +12,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from fiat_jax import lora as lora_lib
 
@@ -258,7 +257,49 @@ class Attention(nn.Module):
     return out_BLD, new_cache
 
 
-class _Mlp(nn.Module):
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+               "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+def _activation_and_derivative(activation, x):
+  """(act(x), act'(x)) for the gated unit's backward pass, written so that they share no operation with the
+  forward's act(x): XLA would merge a shared one with the forward's and keep it alive until the backward pass (and
+  its scheduler runs anything that depends only on forward values as early as it can, so a recomputation that
+  equals the forward would be kept all the same)."""
+  if activation == "silu":  # sigmoid through tanh; the forward's goes through the logistic function
+    s = 0.5 + 0.5 * jnp.tanh(0.5 * x)
+    return x * s, s * (1 + x * (1 - s))
+  if activation == "gelu_tanh":  # tanh through the logistic function; the forward's is a tanh
+    u = _GELU_C * (x + 0.044715 * x ** 3)
+    t = 2 * jax.nn.sigmoid(2 * u) - 1
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+  act, vjp = jax.vjp(ACTIVATIONS[activation], x)
+  return act, vjp(jnp.ones_like(x))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated(gate_BLF, up_BLF, activation):
+  """act(gate) * up, whose backward pass keeps only gate and up and recomputes act and act' from gate in the
+  elementwise pass that forms both gradients (autodiff, or remat of the product, left XLA keeping act(gate) or its
+  sigmoid as well: one more [B, L, F] tensor per layer)."""
+  return ACTIVATIONS[activation](gate_BLF) * up_BLF
+
+
+def _gated_fwd(gate_BLF, up_BLF, activation):
+  return ACTIVATIONS[activation](gate_BLF) * up_BLF, (gate_BLF, up_BLF)
+
+
+def _gated_bwd(activation, residuals, g_BLF):
+  gate_BLF, up_BLF = residuals
+  act_BLF, dact_BLF = _activation_and_derivative(activation, gate_BLF)
+  return g_BLF * up_BLF * dact_BLF, g_BLF * act_BLF
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+class Mlp(nn.Module):
   """Gated (SwiGLU / GeGLU) or plain feed-forward block."""
   cfg: Config
 
@@ -267,20 +308,13 @@ class _Mlp(nn.Module):
     cfg = self.cfg
     dense = lambda n, axes, name: lora_lib.Dense(n, axes=axes, lora=cfg.lora, dtype=cfg.dtype,
                                                  param_dtype=cfg.param_dtype, name=name)
-    act = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-           "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}[cfg.activation]
     first = dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic)
-    h_BLF = act(checkpoint_name(first, "mlp_projection"))
     if cfg.gated_mlp:
-      h_BLF = h_BLF * checkpoint_name(dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic),
-                                      "mlp_projection")
+      h_BLF = gated(first, dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic), cfg.activation)
+    else:
+      h_BLF = ACTIVATIONS[cfg.activation](first)
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
     return dense(cfg.embed_dim, ("mlp", "embed"), "down")(h_BLF, deterministic)
-
-
-# The backward pass keeps the MLP's projections ([B, L, F] each) and recomputes the activation and the gated
-# product from them (elementwise), instead of keeping those two more [B, L, F] tensors per layer.
-Mlp = nn.remat(_Mlp, static_argnums=(2,), policy=jax.checkpoint_policies.save_only_these_names("mlp_projection"))
 
 
 class Block(nn.Module):
