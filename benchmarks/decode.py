@@ -40,6 +40,9 @@ def build_models(ckpt_dir: str, seed: int = 0):
   return peer, (model_lib.Transformer(cfg), {"params": params})
 
 
+PAUSE_S = 1.0  # seconds of idle before each timed run
+
+
 def time_ours(ours, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
   from fiat_jax import decoding  # pylint: disable=g-import-not-at-top
   model, variables = ours
@@ -68,7 +71,11 @@ def decode_benchmark(peer, ours, batch: int, prompt_len: int, new_tokens: int, r
   first_peer, tok_peer = time_peer(peer, prompts, new_tokens)
   t_ours, t_peer = [], []
   for _ in range(repeats):
+    # A pause before each timed run, so that neither side's idle worker threads, which spin for a while after their
+    # last parallel region (OpenMP's for up to 200 ms by default), still compete for the cores with the other side.
+    time.sleep(PAUSE_S)
     t_ours.append(time_ours(ours, prompts, new_tokens)[0])
+    time.sleep(PAUSE_S)
     t_peer.append(time_peer(peer, prompts, new_tokens)[0])
   n = batch * new_tokens
   agree = tok_ours == tok_peer

@@ -126,57 +126,47 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
 
 QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
 
-# Einsum spellings of (queries and outputs, keys and values) that _attend accepts. Training and scoring use the
-# head-major one, into which Attention transposes q, k and v once per layer: G and L are then adjacent, so every
-# product is one [G*L, E] x [E, S] (or its transpose) per (batch, kv head) with no copy of k or v per query head.
-# With a KV cache the cache keeps its [B, S, K, E] layout (a transpose would copy the whole cache every step).
-HEAD_MAJOR = ("BKGLE", "BKSE")
-TOKEN_MAJOR = ("BLKGE", "BSKE")
-
-
 def _accumulator(dtype):
   """Products accumulate in float32, or in float64 for float64 inputs."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _capped_logits(q, k, layout, softcap):
-  qs, ks = layout
-  logits_BKGLS = jnp.einsum(f"{qs},{ks}->BKGLS", q, k.astype(q.dtype), preferred_element_type=_accumulator(q.dtype))
+def _capped_logits(q_BKGLE, k_BKSE, softcap):
+  logits_BKGLS = jnp.einsum("BKGLE,BKSE->BKGLS", q_BKGLE, k_BKSE.astype(q_BKGLE.dtype),
+                            preferred_element_type=_accumulator(q_BKGLE.dtype))
   return jnp.tanh(logits_BKGLS / softcap) * softcap if softcap else logits_BKGLS
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q, k, v, mask_BLS, layout, softcap):
-  """softmax(q k^T, masked) v for one set of query rows against one set of key slots, in `layout` (HEAD_MAJOR or
-  TOKEN_MAJOR: q and the output [B, K, G, L, E] or [B, L, K, G, E]; k and v [B, K, S, E] or [B, S, K, E]).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, mask_BLS, softcap):
+  """softmax(q k^T, masked) v for one set of query rows ([B, K, G, L, E], also the output's shape) against one set
+  of key slots (k and v [B, K, S, E]), under mask_BLS.
 
   The backward pass keeps no [B, K, G, L, S] tensor: it recomputes the probabilities from q, k and the rows' max and
   sum (as FlashAttention does), so a layer keeps only q, k, v, its output and [B, K, G, L] floats."""
-  return _attend_fwd(q, k, v, mask_BLS, layout, softcap)[0]
+  return _attend_fwd(q, k, v, mask_BLS, softcap)[0]
 
 
-def _attend_fwd(q, k, v, mask_BLS, layout, softcap):
-  qs, ks = layout
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q, k, layout, softcap), NEG_INF)
+def _attend_fwd(q, k, v, mask_BLS, softcap):
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q, k, softcap), NEG_INF)
   max_BKGL1 = jnp.max(logits_BKGLS, axis=-1, keepdims=True)
   exp_BKGLS = jnp.exp(logits_BKGLS - max_BKGL1)
   sum_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
   probs_BKGLS = (exp_BKGLS / sum_BKGL1).astype(v.dtype)
-  out = jnp.einsum(f"BKGLS,{ks}->{qs}", probs_BKGLS, v)
+  out = jnp.einsum("BKGLS,BKSE->BKGLE", probs_BKGLS, v)
   # The row max and sum rather than their log-sum-exp: a fully masked row's max is NEG_INF, beside which
   # log(S) vanishes in float32.
   return out, (q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1)
 
 
-def _attend_bwd(layout, softcap, residuals, g):
+def _attend_bwd(softcap, residuals, g):
   # The scores are recomputed, transposed ([S, L]), in ONE batched product with dP = g v^T: stacking (k, v) against
   # (q, g) makes the recomputation depend on the cotangent, so XLA can neither merge it with the forward's product
   # nor schedule it before the backward pass reaches this layer (either would keep the probabilities alive after
   # all; XLA's CPU pipeline drops optimization barriers, so a barrier would not do).
-  qs, ks = layout
   q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1 = residuals
   acc = _accumulator(q.dtype)
-  both_2BKGSL = jnp.einsum(f"T{ks},T{qs}->TBKGSL", jnp.stack([k, v]).astype(q.dtype),
+  both_2BKGSL = jnp.einsum("TBKSE,TBKGLE->TBKGSL", jnp.stack([k, v]).astype(q.dtype),
                            jnp.stack([q, g.astype(q.dtype)]), preferred_element_type=acc)
   logits_BKGSL, g_probs_BKGSL = both_2BKGSL[0], both_2BKGSL[1]
   mask_BKGSL = jnp.swapaxes(mask_BLS, 1, 2)[:, None, None]
@@ -184,15 +174,15 @@ def _attend_bwd(layout, softcap, residuals, g):
     logits_BKGSL = jnp.tanh(logits_BKGSL / softcap) * softcap
   probs_BKGSL = (jnp.exp(jnp.where(mask_BKGSL, logits_BKGSL, NEG_INF) - jnp.swapaxes(max_BKGL1, -1, -2))
                  / jnp.swapaxes(sum_BKGL1, -1, -2))
-  g_v = jnp.einsum(f"BKGSL,{qs}->{ks}", probs_BKGSL.astype(v.dtype), g.astype(v.dtype), preferred_element_type=acc)
+  g_v = jnp.einsum("BKGSL,BKGLE->BKSE", probs_BKGSL.astype(v.dtype), g.astype(v.dtype), preferred_element_type=acc)
   # softmax's VJP, p (g - sum(p g)), with sum_S p g = sum_E out g_out.
-  row_BKG1L = jnp.einsum(f"{qs},{qs}->BKGL", g, out, preferred_element_type=acc)[..., None, :]
+  row_BKG1L = jnp.einsum("BKGLE,BKGLE->BKGL", g, out, preferred_element_type=acc)[..., None, :]
   g_logits_BKGSL = jnp.where(mask_BKGSL, probs_BKGSL * (g_probs_BKGSL - row_BKG1L), 0.0)
   if softcap:
     g_logits_BKGSL = g_logits_BKGSL * (1.0 - jnp.square(logits_BKGSL / softcap))
   g_logits_BKGSL = g_logits_BKGSL.astype(q.dtype)
-  g_q = jnp.einsum(f"BKGSL,{ks}->{qs}", g_logits_BKGSL, k.astype(q.dtype), preferred_element_type=acc)
-  g_k = jnp.einsum(f"BKGSL,{qs}->{ks}", g_logits_BKGSL, q, preferred_element_type=acc)
+  g_q = jnp.einsum("BKGSL,BKSE->BKGLE", g_logits_BKGSL, k.astype(q.dtype), preferred_element_type=acc)
+  g_k = jnp.einsum("BKGSL,BKGLE->BKSE", g_logits_BKGSL, q, preferred_element_type=acc)
   return g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), None
 
 
@@ -224,35 +214,32 @@ class Attention(nn.Module):
 
     q_slot_L = jnp.arange(L)
     if cache is None:
-      k_BSKE, v_BSKE, k_slot_S = k_BLKE, v_BLKE, q_slot_L
+      k_BKSE, v_BKSE, k_slot_S = k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3), q_slot_L
       k_pos, k_seg, k_bidir = positions_BL, segment_BL, bidir_BL
       new_cache = None
     else:  # Write this chunk at cache["index"]; attend over every slot written so far.
       idx = cache["index"]
-      upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), idx, axis=1)
-      k_BSKE, v_BSKE = upd(cache["k"], k_BLKE), upd(cache["v"], v_BLKE)
+      upd = lambda buf, new, axis=1: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), idx, axis=axis)
+      k_BKSE, v_BKSE = (upd(cache[n], t.transpose(0, 2, 1, 3), axis=2) for n, t in (("k", k_BLKE), ("v", v_BLKE)))
       k_pos, k_seg = upd(cache["positions"], positions_BL), upd(cache["segments"], segment_BL)
       k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
-      k_slot_S, q_slot_L = jnp.arange(k_BSKE.shape[1]), q_slot_L + idx
-      new_cache = dict(k=k_BSKE, v=v_BSKE)
+      k_slot_S, q_slot_L = jnp.arange(k_BKSE.shape[2]), q_slot_L + idx
+      new_cache = dict(k=k_BKSE, v=v_BKSE)
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-    if cache is not None:
-      out_BLKGE = _attend(q_BLKGE, k_BSKE, v_BSKE, mask_BLS, TOKEN_MAJOR, cfg.attn_logit_softcap)
+    # Head-major: G and L adjacent, so every product is one [G*L, E] x [E, S] (or its transpose) per batch row and
+    # kv head, with no copy of k or v per query head (the cache is kept in this layout too).
+    q_BKGLE = q_BLHE.reshape(B, L, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    attend = lambda i, j, keys: _attend(q_BKGLE[:, :, :, i:j], k_BKSE[:, :, :keys], v_BKSE[:, :, :keys],
+                                        mask_BLS[:, i:j, :keys], cfg.attn_logit_softcap)
+    Q = QUERY_BLOCK
+    if cache is None and not cfg.prefix_lm and L % Q == 0 and L > Q:
+      # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the
+      # diagonal (all masked) are never computed: 10 of 16 at L = 4Q.
+      out_BKGLE = jnp.concatenate([attend(i, i + Q, i + Q) for i in range(0, L, Q)], axis=3)
     else:
-      q_BKGLE = q_BLKGE.transpose(0, 2, 3, 1, 4)
-      k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
-      attend = lambda i, j, keys: _attend(q_BKGLE[:, :, :, i:j], k_BKSE[:, :, :keys], v_BKSE[:, :, :keys],
-                                          mask_BLS[:, i:j, :keys], HEAD_MAJOR, cfg.attn_logit_softcap)
-      Q = QUERY_BLOCK
-      if not cfg.prefix_lm and L % Q == 0 and L > Q:
-        # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the
-        # diagonal (all masked) are never computed: 10 of 16 at L = 4Q.
-        out_BKGLE = jnp.concatenate([attend(i, i + Q, i + Q) for i in range(0, L, Q)], axis=3)
-      else:
-        out_BKGLE = attend(0, L, L)
-      out_BLKGE = out_BKGLE.transpose(0, 3, 1, 2, 4)
+      out_BKGLE = attend(0, L, k_BKSE.shape[2])
+    out_BLKGE = out_BKGLE.transpose(0, 3, 1, 2, 4)
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
 
@@ -391,7 +378,7 @@ class Transformer(nn.Module):
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: segment 0 marks unwritten slots, which no real token attends to."""
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major, as attention reads it
   dtype = dtype or cfg.dtype
   return dict(layers=[dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
               index=jnp.zeros((), jnp.int32), positions=jnp.zeros((batch, max_len), jnp.int32),
