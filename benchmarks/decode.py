@@ -4,7 +4,8 @@ PyTorch) on the same weights, and beta's throughput through `fiat serve` against
 The model is the train-step benchmark's: model dim 512, 8 layers, 8 heads, 2 kv heads, MLP 1408, vocab 32000,
 float32 (a Llama architecture with random weights). transformers builds it, saves it as a safetensors checkpoint,
 and fiat_jax.hf.load reads that checkpoint: both sides decode with identical weights, and the benchmark reports
-how many generated tokens agree. Runs are interleaved (ours, theirs, ours, ...) so load on the machine hits both.
+how many generated tokens agree. Runs are interleaved (ours, theirs, ours, ...) so load on the machine hits both,
+each after a pause of PAUSE_S seconds.
 
   python benchmarks/decode.py [--batch 8 --prompt_len 128 --new_tokens 64 --repeats 3] [--json out.json]
 """
