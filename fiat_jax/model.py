@@ -126,6 +126,7 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
 
 QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
 
+
 def _accumulator(dtype):
   """Products accumulate in float32, or in float64 for float64 inputs."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -213,14 +214,15 @@ class Attention(nn.Module):
     q_BLHE = q_BLHE * jnp.asarray((cfg.query_pre_attn_scalar or E) ** -0.5, q_BLHE.dtype)
 
     q_slot_L = jnp.arange(L)
+    k_BKSE, v_BKSE = k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3)  # head-major, see below
     if cache is None:
-      k_BKSE, v_BKSE, k_slot_S = k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3), q_slot_L
+      k_slot_S = q_slot_L
       k_pos, k_seg, k_bidir = positions_BL, segment_BL, bidir_BL
       new_cache = None
     else:  # Write this chunk at cache["index"]; attend over every slot written so far.
       idx = cache["index"]
       upd = lambda buf, new, axis=1: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), idx, axis=axis)
-      k_BKSE, v_BKSE = (upd(cache[n], t.transpose(0, 2, 1, 3), axis=2) for n, t in (("k", k_BLKE), ("v", v_BLKE)))
+      k_BKSE, v_BKSE = upd(cache["k"], k_BKSE, axis=2), upd(cache["v"], v_BKSE, axis=2)
       k_pos, k_seg = upd(cache["positions"], positions_BL), upd(cache["segments"], segment_BL)
       k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
       k_slot_S, q_slot_L = jnp.arange(k_BKSE.shape[2]), q_slot_L + idx
