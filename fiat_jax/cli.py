@@ -3,6 +3,7 @@ in the current directory, then in gin_configs/) and --gin.NAME=VALUE bindings; a
 import argparse
 import logging
 import os
+import sys
 
 import gin
 
@@ -16,7 +17,15 @@ class _GinPathNoise(logging.Filter):
     return not str(record.msg).startswith('Path not found: ')
 
 
+class _CheckpointerNoise(logging.Filter):
+  """Orbax logs a dozen INFO lines per save (through absl); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
 _GIN_PATH_NOISE = _GinPathNoise()  # one instance: the root logger keeps it once however often modes parse
+_CHECKPOINTER_NOISE = _CheckpointerNoise()
 
 
 def parse_gin(argv: list[str], prog: str, extra=None, description: str | None = None) -> argparse.Namespace:
@@ -33,16 +42,35 @@ def parse_gin(argv: list[str], prog: str, extra=None, description: str | None = 
   unknown = [a for a in rest if not a.startswith('--gin.')]
   if unknown:
     ap.error(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE')
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger().addFilter(_GIN_PATH_NOISE)
+  setup_logging()
   gin.add_config_file_search_path(GIN_DIR)
-  for path in args.gin_file:
-    if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_DIR, path)):
-      raise FileNotFoundError(f'--gin_file={path}: not found (looked in the current directory and {GIN_DIR})')
-  # local_beta and tau_model load checkpoints through hf: its configurables must exist before gin parses.
-  from fiat_jax import hf  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  gin.parse_config_files_and_bindings(args.gin_file, bindings)  # raises naming any unknown configurable
+  files = [resolve_gin_file(path) for path in args.gin_file]
+  # Every configurable any gin file may name must exist before gin parses, whichever mode this is.
+  from fiat_jax import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  gin.parse_config_files_and_bindings(files, bindings)  # raises naming any unknown configurable
   return args
+
+
+def resolve_gin_file(path: str) -> str:
+  """A --gin_file as a file path: as given when it exists, else under gin_configs/; else an error naming both."""
+  for candidate in (path, os.path.join(GIN_DIR, path)):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise FileNotFoundError(f'--gin_file={path}: not found (looked in the current directory and {GIN_DIR})')
+
+
+def setup_logging() -> None:
+  """INFO and above on stderr with times, whatever handler a library (absl via seqio) installed first."""
+  level = logging.INFO
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
+    level = logging.WARNING  # one log tells the story: process 0's
+  logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(message)s', force=True)
+  logging.getLogger().addFilter(_GIN_PATH_NOISE)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_CHECKPOINTER_NOISE)  # on the handler: absl's records reach it through the 'absl' logger
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity('info' if level == logging.INFO else 'warning')
 
 
 def is_bound(name: str) -> bool:

@@ -8,8 +8,7 @@ dtype, optimizer) and `make_mesh` (data / fsdp / model); `plan.*` adds the seque
 the device. With `plan.num_devices` set, the program is compiled for that many emulated CPU devices (planning for
 a machine you are not on); without it, for this machine's devices.
 
-  fiat plan --gin_file=gin_configs/models/gemma2_2b.gin --gin.plan.num_devices=8 --gin.make_mesh.fsdp=8 \
-      --gin.plan.device="'v5e'" --gin.plan.seq_len=1024
+  fiat plan --gin_file=models/gemma-2-2b-it.gin --mesh=data=1,fsdp=16,model=1 --device=v5e --gin.plan.seq_len=1024
 """
 import argparse
 import dataclasses
@@ -18,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 import typing
 
 import flax.linen as nn
@@ -25,6 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fiat_jax import lora as lora_lib
@@ -157,10 +158,13 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
   batch_shards = axes["data"] * axes["fsdp"]
   for what, rows in (("TrainConfig.batch_size", tcfg.batch_size), ("plan.decode_batch", decode_batch)):
     if rows % batch_shards:
-      raise ValueError(f"{what}={rows} is not divisible by data*fsdp={batch_shards} (the batch's shards)")
+      raise ValueError(f"{what}={rows} is not divisible by data*fsdp={batch_shards} (the batch's shards): bind "
+                       f"--gin.{what}=<a multiple of {batch_shards}>")
   amesh = abstract_mesh(**axes)
   replicated = NamedSharding(amesh, PartitionSpec())
 
+  logging.info("plan: %s mesh %s on %d %s devices, mode %s: shapes and shardings of the stored trees", device,
+               axes, n, dev.name, tcfg.mode)
   key = jax.random.PRNGKey(0)
   params = nn.meta.unbox(jax.eval_shape(lambda: model_lib.init_params(cfg, key)))
   params_sh = sharding.param_shardings(cfg, amesh, rules)
@@ -200,10 +204,16 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
     state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable, opt_state=opt,
                  rng=jax.eval_shape(lambda: key))
     state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=opt_sh, rng=replicated)
+    logging.info("plan: compiling the train step for its activation memory (minutes on CPU for billions of "
+                 "parameters; --no_compile skips it)")
+    t0 = time.perf_counter()
     train_mem = _compile_train(cfg, tcfg, tx, state, frozen, batch, conc(state_sh), conc(frozen_sh),
                                conc(batch_sh), mesh, rules)
+    logging.info("plan: train step compiled in %.0f s; compiling the decode step", time.perf_counter() - t0)
+    t0 = time.perf_counter()
     decode_mem = _compile_decode(cfg, {**frozen, **trainable}, cache, conc({**frozen_sh, **trainable_sh}),
                                  conc(cache_sh), mesh, rules)
+    logging.info("plan: decode step compiled in %.0f s", time.perf_counter() - t0)
     result["compiled"] = dict(train=train_mem, decode=decode_mem)
     result["backend"] = jax.devices()[0].platform
   result["train"], result["decode"] = _totals(result)
@@ -317,22 +327,44 @@ def format_plan(r: dict) -> str:
   return "\n".join(lines)
 
 
+def parse_mesh(spec: str) -> dict[str, int]:
+  """--mesh=data=1,fsdp=16,model=1 (axes left out are 1) -> {'data': 1, 'fsdp': 16, 'model': 1}."""
+  axes = {"data": 1, "fsdp": 1, "model": 1}
+  for part in filter(None, spec.split(",")):
+    name, eq, value = part.partition("=")
+    if not eq or name.strip() not in axes or not value.strip().isdigit() or int(value) < 1:
+      raise ValueError(f"--mesh={spec}: expected data=N,fsdp=N,model=N with positive integers; bad part {part!r}")
+    axes[name.strip()] = int(value)
+  return axes
+
+
 def main(argv: list[str]) -> int:
-  """`fiat plan --gin_file=... [--gin.NAME=VALUE] [--json=FILE]`: prints the plan; exit 1 if it does not fit."""
-  ap = argparse.ArgumentParser(prog="fiat plan", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--gin_file", action="append", default=[], help="repeatable")
-  ap.add_argument("--json", default=None, help="also write the plan as JSON to this file")
-  args, rest = ap.parse_known_args(argv)
-  unknown = [a for a in rest if not a.startswith("--gin.")]
-  if unknown:
-    ap.error(f"unknown arguments: {unknown} (gin bindings are --gin.NAME=VALUE)")
-  from fiat_jax import hf, train  # pylint: disable=g-import-not-at-top,unused-import  (their gin configurables)
-  gin.parse_config_files_and_bindings(args.gin_file, [a[len("--gin."):] for a in rest])
-  n = _gin_or("plan.num_devices", None)
+  """`fiat plan --gin_file=models/<model>.gin [--mesh=data=1,fsdp=16,model=1] [--device=v5e] [--json=FILE]`:
+  prints the plan; exit 1 if it does not fit."""
+  from fiat_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def flags(ap):
+    ap.add_argument("--mesh", help="the planned mesh, e.g. data=1,fsdp=16,model=1 (default: plan.num_devices and "
+                    "make_mesh's bindings, else this machine's devices)")
+    ap.add_argument("--device", help="v4 | v5e | v5p | v6e | h100 (default: plan.device)")
+    ap.add_argument("--no_compile", action="store_true",
+                    help="stored trees only: skip compiling the steps for XLA's activation memory (minutes on CPU "
+                         "for a multi-billion-parameter model)")
+    ap.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+
+  args = cli.parse_gin(argv, "fiat plan", flags, description=__doc__)
+  kw = {}
+  if args.mesh:
+    axes = parse_mesh(args.mesh)
+    kw = dict(num_devices=math.prod(axes.values()), data=axes["data"], fsdp=axes["fsdp"], model_axis=axes["model"])
+  if args.device:
+    kw["device"] = args.device
+  if args.no_compile:
+    kw["compile"] = False
+  n = kw.get("num_devices", _gin_or("plan.num_devices", None))
   if n is not None:
     emulate_cpu_devices(int(n))
-  result = plan()
+  result = cli.name_missing_macros(lambda: plan(**kw))
   print(format_plan(result))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

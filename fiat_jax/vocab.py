@@ -144,6 +144,9 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 @gin.configurable
 def vocabulary(tokenizer_dir: str, skip_special_tokens: bool = True) -> seqio.Vocabulary:
   """The checkpoint's tokenizer: tokenizer.json if present, else tokenizer.model (SentencePiece)."""
+  if not tokenizer_dir:
+    raise ValueError("vocab.vocabulary.tokenizer_dir is not set: bind the checkpoint macro (BETA_CHECKPOINT or "
+                     "TAU_CHECKPOINT) of the gin_configs/models/ file")
   if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
     return HfTokenizerVocabulary(tokenizer_dir, skip_special_tokens)
   spm = os.path.join(tokenizer_dir, "tokenizer.model")

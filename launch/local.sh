@@ -4,7 +4,11 @@
 # CPU devices. Process 0's output streams here; the others go to LOG_DIR/process-<i>.log.
 #
 #   launch/local.sh [--processes=2] [--devices=2] [--port=PORT] [--log_dir=DIR] [--dry-run] \
-#       -- fiat train --gin_file=gin_configs/tiny.gin
+#       -- fiat train --gin_file=runs/xtreme_up_indic/xs_wo_cot.gin --gin_file=tiny.gin \
+#          --gin.DATA_DIR="'tests/testdata/xtreme_up'" --gin.RUNS_DIR="'/tmp/runs'" --gin.STORE_DIR="'/tmp/store'"
+#
+# Every process reads its own share of each batch, the run directory is shared (Orbax writes each process's
+# shards; only process 0 writes logs, metrics and the selected τ).
 #
 # Exits with the first non-zero exit code (which also stops the other processes), 0 when all succeed; Ctrl-C
 # stops all of them.

@@ -3,7 +3,7 @@
 #
 #   launch/tpu.sh --name=fiat-v5e --zone=us-west4-a --accelerator=v5litepod-16 [--project=P] [--spot] \
 #       [--version=RUNTIME] [--run=NAME] [--env=NAME=VALUE ...] [--skip_install] [--dry-run] \
-#       -- train --gin_file=gin_configs/runs/xor_attriqa_fiat.gin --gin.TrainConfig.num_steps=2000
+#       -- train --gin_file=runs/xor_attriqa/xs_fiat.gin --gin_file=beta/http.gin --gin.DATA_DIR=... --gin.RUNS_DIR=...
 #
 # Steps: create-or-reuse the TPU; copy this checkout (without .git/.venv) to ~/fiat-jax on every worker; install
 # (uv, Python 3.11, `pip install -e . jax[tpu]`); start `fiat ...` detached on every worker (jax.distributed finds
@@ -106,7 +106,8 @@ for arg in "$@"; do  # gin files travel with the checkout: they must be inside i
     --gin_file=*)
       f="${arg#--gin_file=}"
       case "$f" in gs://*) continue ;; /*) die "--gin_file=$f: give a path relative to the checkout ($REPO)" ;; esac
-      [ -f "$REPO/$f" ] || die "--gin_file=$f: not found in $REPO (gin files are copied with the checkout)" ;;
+      [ -f "$REPO/$f" ] || [ -f "$REPO/gin_configs/$f" ] ||
+        die "--gin_file=$f: not found in $REPO or $REPO/gin_configs (gin files are copied with the checkout)" ;;
   esac
 done
 [ -n "$RUN" ] || RUN="run-$(date +%Y%m%d-%H%M%S)"

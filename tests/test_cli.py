@@ -17,7 +17,7 @@ def test_unknown_mode_prints_usage(capsys):
 
 @pytest.mark.parametrize('mode', sorted(main.MODES))
 def test_every_mode_names_an_existing_function(mode):
-  module, func = main.MODES[mode].split(':')
+  module, func = main.MODES[mode][0].split(':')
   assert callable(getattr(importlib.import_module(module), func))
 
 

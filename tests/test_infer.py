@@ -78,7 +78,7 @@ def test_merge_is_exact_for_the_trained_run(trained):
   root, argv = trained
   gin.clear_config()
   cli.parse_gin(argv, 'test')
-  cfg, variables, _ = run.load_tau(run.Experiment(), run.Recipe())
+  _, cfg, variables, _ = run.load_tau(run.Experiment(), run.Recipe())
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
   variables['lora'] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
                                              variables['lora'])  # as after a long training
