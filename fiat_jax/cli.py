@@ -11,10 +11,11 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class _GinPathNoise(logging.Filter):
-  """gin logs an ERROR for every search-path location it tries before the one that holds the file."""
+  """gin logs an ERROR for every search-path location it tries before the one that holds the file (and INFO for
+  the one that does)."""
 
   def filter(self, record):
-    return not str(record.msg).startswith('Path not found: ')
+    return not str(record.msg).startswith(('Path not found: ', 'system_path_file_exists:'))
 
 
 class _CheckpointerNoise(logging.Filter):

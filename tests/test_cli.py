@@ -28,3 +28,38 @@ def test_score_through_the_command(tmp_path, capsys):
                    '--predictions', str(preds), '--languages', 'as', '--bootstrap', '10'])
   assert code == 0
   assert json.loads(capsys.readouterr().out)['per_language']['as'] == {'f1': 100.0, 'em': 100.0, 'n': 2}
+
+
+def test_a_relative_gin_file_named_like_a_package_is_read_as_a_file(tmp_path, monkeypatch):
+  """`tasks/my.gin` in the working directory: gin alone takes `tasks` for this project's package and fails."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from fiat_jax import cli, run  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'tasks').mkdir()
+  (tmp_path / 'tasks' / 'my.gin').write_text("Experiment.name = 'from_my_file'\n")
+  monkeypatch.chdir(tmp_path)
+  gin.clear_config()
+  cli.parse_gin(['--gin_file=tasks/my.gin'], 'test')
+  assert run.Experiment().name == 'from_my_file'
+  gin.clear_config()
+
+
+def test_a_language_without_a_file_names_the_run_setting(tmp_path):
+  """gu is an XTREME-UP language, but the fixture release has no gu file: the error says which setting asked."""
+  from fiat_jax import readers  # pylint: disable=g-import-not-at-top
+  with pytest.raises(readers.DataError, match=r"requested languages \['gu'\] \(the run's Experiment.languages\); "
+                     r"this split has \['as', 'bn', 'fi', 'hi', 'ja', 'mr', 'ru', 'te'\]"):
+    readers.read_split('xtreme_up_xqa', os.path.join(TESTDATA, 'xtreme_up'), 'train', ['as', 'gu'])
+
+
+def test_every_jax_mode_joins_a_multiprocess_run_first(monkeypatch):
+  """main.run starts jax.distributed (from the popped flags) before the mode, and passes the rest on."""
+  from fiat_jax import distributed  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(distributed, 'initialize', lambda s: calls.append(('init', s.num_processes, s.process_id)))
+  monkeypatch.setattr(main, 'MODES', {'probe': ('tests_probe_mode:main', True)})
+  import sys, types  # pylint: disable=g-import-not-at-top,multiple-imports
+  probe = types.ModuleType('tests_probe_mode')
+  probe.main = lambda argv: calls.append(('mode', argv)) or 0
+  monkeypatch.setitem(sys.modules, 'tests_probe_mode', probe)
+  assert main.run(['probe', '--num_processes=2', '--process_id=1', '--gin.x=1']) == 0
+  assert calls == [('init', 2, 1), ('mode', ['--gin.x=1'])]
