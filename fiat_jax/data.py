@@ -26,6 +26,10 @@ RATIONALE_RECIPES = RATIONALE_INPUT_RECIPES | {'distilled_cot'}  # Need the rati
 LABEL_PREFIX = '[label] '
 RATIONALE_PREFIX = '[rationale] '
 RATIONALE_HEADER = 'Reasoning (written by a larger model; it may be wrong):'
+# Distilled CoT's two training targets, as decoder_task_ids (the loss averages each over its own tokens).
+TASK_IDS = {'label': 0, 'rationale': 1}
+# Which field of a store record becomes ŷ_β: the parsed reasoning, or β's whole output (reasoning and answer).
+RATIONALE_FIELDS = ('rationale', 'raw')
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(tasks.__file__)), 'prompts')
 SOURCES = ('files', 'tfds')
 
@@ -41,6 +45,7 @@ class TaskSpec:
   rationale_dir: Optional[str]
   inputs_length: Optional[int]
   source: str
+  rationale_field: str = 'rationale'
 
 
 _SPECS: dict[str, TaskSpec] = {}
@@ -133,16 +138,20 @@ def _rationale_records(dataset: str, data_dir: str, source: str,
   return by_split
 
 
-def attach_rationales(examples: Sequence[dict], records: Mapping[str, dict], where: str) -> list[str]:
-  """The stored rationale of every example, joined by id; any missing one is an error."""
+def attach_rationales(examples: Sequence[dict], records: Mapping[str, dict], where: str,
+                      field: str = 'rationale') -> list[str]:
+  """The stored ŷ_β (record[field]: 'rationale', or β's whole output 'raw') of every example, joined by id;
+  any missing one is an error."""
+  if field not in RATIONALE_FIELDS:
+    raise ValueError(f'rationale field {field!r}: expected one of {RATIONALE_FIELDS}')
   missing = [ex['id'] for ex in examples
-             if not isinstance(records.get(ex['id'], {}).get('rationale'), str)
-             or not records[ex['id']]['rationale'].strip()]
+             if not isinstance(records.get(ex['id'], {}).get(field), str)
+             or not records[ex['id']][field].strip()]
   if missing:
     shown = ', '.join(missing[:20]) + (' ...' if len(missing) > 20 else '')
     raise readers.DataError(f'{where}: {len(missing)} of {len(examples)} examples have no '
-                            f'rationale in the store: {shown}')
-  return [records[ex['id']]['rationale'].strip() for ex in examples]
+                            f'{field!r} in the store: {shown}')
+  return [records[ex['id']][field].strip() for ex in examples]
 
 
 def _task_rows(name: str, split: str) -> tuple[list[dict], dict]:
@@ -162,7 +171,7 @@ def _task_rows(name: str, split: str) -> tuple[list[dict], dict]:
   rationales = [None] * len(examples)
   if spec.recipe in RATIONALE_INPUT_RECIPES or (distilled and split == 'train'):
     records = _rationale_records(spec.dataset, spec.data_dir, spec.source, spec.rationale_dir)
-    rationales = attach_rationales(examples, records[split], where)
+    rationales = attach_rationales(examples, records[split], where, spec.rationale_field)
   i_tau = load_i_tau(spec.dataset) if spec.recipe in INSTRUCTION_RECIPES else None
   rows, cuts = [], []
   for ex, rationale in zip(examples, rationales):
@@ -190,7 +199,7 @@ def _dataset_fn(name: str, split: str, shuffle_files: bool, seed: Optional[int] 
   del shuffle_files, seed  # One in-memory source; train_batches shuffles per epoch.
   rows, _ = _task_rows(name, split)
   return tf.data.Dataset.from_tensor_slices(
-      {k: [r[k] for r in rows] for k in ('id', 'language', 'inputs', 'targets')})
+      {k: [r[k] for r in rows] for k in ('id', 'language', 'kind', 'inputs', 'targets')})
 
 
 def _train_size(task: seqio.Task) -> float:
@@ -242,7 +251,7 @@ def _add_mixture(name: str, members: Sequence[str], refresh: bool) -> None:
 def register_tasks(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary,
                    rationale_dir: Optional[str] = None, *, recipes: Sequence[str] = RECIPES,
                    languages: Optional[Sequence[str]] = None, inputs_length: Optional[int] = None,
-                   source: str = 'files') -> list[str]:
+                   source: str = 'files', rationale_field: str = 'rationale') -> list[str]:
   """Registers {dataset}_{lang}_{recipe} tasks and the data set's mixtures; returns the names.
 
   Args:
@@ -250,11 +259,15 @@ def register_tasks(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary,
     rationale_dir: the rationale store; needed by fiat, no_instruction and distilled_cot.
     languages: default: the languages present in the train split.
     inputs_length: input token budget; longer inputs lose the end of their passage.
+    rationale_field: the store record field that becomes ŷ_β: 'rationale' (the reasoning) or 'raw' (β's whole
+      output, reasoning and final answer).
   Idempotent: the same arguments again change nothing.
   """
   definition = tasks.definition(dataset)
   if source not in SOURCES:
     raise ValueError(f'unknown source {source!r}; expected one of {SOURCES}')
+  if rationale_field not in RATIONALE_FIELDS:
+    raise ValueError(f'rationale_field={rationale_field!r}: expected one of {RATIONALE_FIELDS}')
   for recipe in recipes:
     if recipe not in RECIPES:
       raise ValueError(f'unknown recipe {recipe!r}; expected one of {RECIPES}')
@@ -272,7 +285,7 @@ def register_tasks(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary,
       name = f'{dataset}_{lang}_{recipe}'
       if _add_task(TaskSpec(name, dataset, lang, recipe, data_dir,
                             rationale_dir if recipe in RATIONALE_RECIPES else None,
-                            inputs_length, source), vocabulary):
+                            inputs_length, source, rationale_field), vocabulary):
         changed.add(name)
       names.append(name)
     for mixture, mixture_languages in definition.MIXTURES.items():
@@ -308,10 +321,32 @@ def _tokenized(task_or_mixture: str, split: str) -> list[dict]:
     for name in task_names(task_or_mixture):
       ds = seqio.get_mixture_or_task(name).get_dataset(
           sequence_length=None, split=split, shuffle=False, num_epochs=1)
-      out.extend({'id': ex['id'].decode('utf-8'), 'inputs': ex['inputs'].astype(np.int32),
-                  'targets': ex['targets'].astype(np.int32)} for ex in ds.as_numpy_iterator())
+      out.extend({'id': ex['id'].decode('utf-8'), 'kind': ex['kind'].decode('utf-8'),
+                  'inputs': ex['inputs'].astype(np.int32), 'targets': ex['targets'].astype(np.int32)}
+                 for ex in ds.as_numpy_iterator())
     _TOKENIZED[(task_or_mixture, split)] = out
   return _TOKENIZED[(task_or_mixture, split)]
+
+
+def rationale_target_truncation(task_or_mixture: str, split: str, targets_length: int) -> dict:
+  """How many rationale targets (distilled CoT) train_batches cuts to targets_length, by how many tokens."""
+  return _cut_rationale_targets(_tokenized(task_or_mixture, split), targets_length)[1]
+
+
+def _cut_rationale_targets(examples: Sequence[Mapping[str, Any]], targets_length: int
+                           ) -> tuple[list[Mapping[str, Any]], dict]:
+  """Rationale targets longer than targets_length keep their first targets_length tokens (as seqio's trim
+  does: no EOS, the rationale goes on); label targets are never cut. (examples, counts)."""
+  out, cuts = [], []
+  for ex in examples:
+    over = len(ex['targets']) - targets_length
+    if ex.get('kind') == 'rationale' and over > 0:
+      ex = dict(ex, targets=ex['targets'][:targets_length])
+      cuts.append(over)
+    out.append(ex)
+  rationales = sum(ex.get('kind') == 'rationale' for ex in examples)
+  return out, {'rationale_targets': rationales, 'truncated': len(cuts),
+               'mean_tokens_cut': float(np.mean(cuts)) if cuts else 0.0}
 
 
 def fingerprint(task_or_mixture: str, split: str) -> str:
@@ -352,15 +387,29 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
                     pack: bool = False, bos_id: int = 0, where: str = 'examples'
                     ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite per-host batches of seqio.DecoderFeatureConverter features (prefix LM) from token examples
-  ({'id'?, 'inputs', 'targets'} id lists).
+  ({'id'?, 'kind'?, 'inputs', 'targets'} id lists).
 
   batch_size is this host's. Reshuffled every epoch from seed; deterministic; start_step
-  skips exactly that many batches (resume).
+  skips exactly that many batches (resume). When some example is of kind 'rationale' (distilled CoT), rationale
+  targets are cut to the targets length (counted and logged) and every batch carries decoder_task_ids [B, L]
+  (data.TASK_IDS of each row's kind), which the trainer's loss averages per task.
   """
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index={shard_index} not in [0, num_shards={num_shards})')
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}')
+  kinds = [ex.get('kind', 'label') for ex in examples]
+  unknown = sorted(set(kinds) - set(TASK_IDS))
+  if unknown:
+    raise ValueError(f'{where}: example kinds {unknown} are not among {sorted(TASK_IDS)}')
+  multitask = 'rationale' in kinds
+  if multitask:
+    if pack:
+      raise ValueError(f'{where}: label and rationale targets (distilled CoT) need unpacked rows (pack=False): '
+                       f'the per-task loss reads one task per row')
+    examples, cut = _cut_rationale_targets(examples, feature_lengths['targets'])
+    logging.info('%s: %d of %d rationale targets cut to %d tokens, %.1f tokens cut on average', where,
+                 cut['truncated'], cut['rationale_targets'], feature_lengths['targets'], cut['mean_tokens_cut'])
   too_long = [i for i, ex in enumerate(examples) if len(ex['inputs']) > feature_lengths['inputs']
               or len(ex['targets']) > feature_lengths['targets']]
   if too_long:
@@ -381,7 +430,17 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
   ds = ds.batch(batch_size, drop_remainder=True)
   if pack:  # Packed rows hold a varying number of examples: skip by counting.
     ds = ds.skip(start_step)
-  return ds.as_numpy_iterator()
+  if not multitask:
+    return ds.as_numpy_iterator()
+  task_ids = np.array([TASK_IDS[k] for k in kinds], np.int32)
+  order = _local_order(len(examples), seed, shard_index, num_shards, start)
+
+  def with_task_ids(batches):  # unpacked rows are the examples in stream order
+    for batch in batches:
+      rows = task_ids[[next(order) for _ in range(batch_size)]]
+      yield dict(batch, decoder_task_ids=np.broadcast_to(
+          rows[:, None], batch['decoder_target_tokens'].shape).copy())
+  return with_task_ids(ds.as_numpy_iterator())
 
 
 def eval_examples(task_or_mixture: str, split: str) -> list[dict[str, Any]]:

@@ -19,6 +19,21 @@ def cross_entropy_sums(logits_NV, targets_N, weights_N, z_loss: float, label_smo
   return jnp.sum(loss_N * weights_N), jnp.sum(nll_N * weights_N)
 
 
+def task_mean_weights(weights_BL, task_ids_BL, task_weights):
+  """Per-token weights w · λ_t / (task t's summed w): the weighted loss sum is Σ_t λ_t · (task t's token mean).
+
+  Distilled CoT (Hsieh et al. 2023) averages each task's loss over its own tokens before mixing them, so that
+  long rationale targets do not outweigh few-token labels as one token-weighted mean would. Sums run over the
+  whole (global) batch; a task absent from the batch contributes nothing.
+  """
+  weights_BL = weights_BL.astype(jnp.float32)
+  out_BL = jnp.zeros_like(weights_BL)
+  for task, lam in enumerate(task_weights):
+    mask_BL = jnp.where(task_ids_BL == task, weights_BL, 0.0)
+    out_BL = out_BL + mask_BL * (lam / jnp.maximum(jnp.sum(mask_BL), 1e-9))
+  return out_BL
+
+
 def _split(chunk: int, *xs):
   """Each [B, L, ...] -> [L / chunk, B, chunk, ...]: the scan's per-chunk inputs."""
   B, L = xs[0].shape[:2]

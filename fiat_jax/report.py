@@ -1,6 +1,6 @@
 """`fiat report`: the paper's Table 2 and Table 3 layouts, per-language appendix tables (Markdown and CSV, with
-bootstrap intervals), Figure 3, Figure 4's table, Figure 5 (PNG) and the rationale-reliance analysis, from run
-directories written by `fiat train` / `fiat evaluate` (RUNS_DIR/<setting>/<name>/metrics.json)."""
+bootstrap intervals), Figure 3, Figure 4's table, Figure 5 (PNG), Figure 6 (PNG and table) and the
+rationale-reliance analysis, from run directories written by `fiat train` / `fiat evaluate` (RUNS_DIR/<setting>/<name>/metrics.json)."""
 import argparse
 import csv
 import glob
@@ -16,8 +16,12 @@ SETTING_TITLES = {'xor_attriqa': 'XOR-AttriQA O(100) Acc / AUC-PR', 'xtreme_up_i
 SIZES = ('XS', 'S')
 ROW_TITLES = {'icl': 'Few-shot ICL', 'finetune': 'Fine-tune', 'fiat': 'FIAT', 'wo_cot': 'w/o CoT-augmented tuning',
               'wo_instruction': 'w/o Instruction-augmented tuning', 'wo_peft': 'w/o Parameter-efficient tuning',
-              'wo_it_base': 'w/o Instruction-tuned base model', 'distilled_cot': 'Distilled CoT (Hsieh et al., 2023)'}
+              'wo_it_base': 'w/o Instruction-tuned base model', 'distilled_cot': 'Distilled CoT (Hsieh et al., 2023)',
+              'plain_wo_cot': 'Plain τ, w/o CoT-augmented tuning', 'plain_wo_instruction':
+              'Plain τ, w/o CoT- and instruction-augmented tuning'}
 TABLE3_ROWS = ('fiat', 'wo_cot', 'wo_instruction', 'wo_peft', 'wo_it_base')
+# Figure 6: the gain from I_τ is (w/o CoT) - (w/o CoT and w/o I_τ), on the instruction-tuned and the plain τ.
+FIGURE6_PAIRS = (('instruction-tuned τ', 'wo_cot', 'wo_instruction'), ('plain τ', 'plain_wo_cot', 'plain_wo_instruction'))
 RELIANCE = ('stored', 'empty', 'shuffled')
 
 
@@ -140,7 +144,8 @@ def appendix(runs: dict, setting: str) -> list[list[str]]:
     if s == setting:
       langs += [lang for lang in m['test']['per_language'] if lang not in langs]
   rows = [['θ_τ', 'Method'] + langs]
-  order = [('icl', None)] + [(row, size) for size in SIZES for row in TABLE3_ROWS + ('distilled_cot',)]
+  order = [('icl', None)] + [(row, size) for size in SIZES
+                             for row in TABLE3_ROWS + ('distilled_cot', 'plain_wo_cot', 'plain_wo_instruction')]
   for row, size in order:
     m = runs.get((setting, row, size))
     if m is None:
@@ -158,6 +163,75 @@ def appendix(runs: dict, setting: str) -> list[list[str]]:
         out.append(f'{t["accuracy"]:.1f} / ' + ('—' if auc is None or auc != auc else f'{auc:.1f}'))
     rows.append(out)
   return rows
+
+
+def figure6_gains(runs: dict) -> list[tuple[str, str, dict]]:
+  """(setting, τ size, {base: ({language: gain}, headline gain)}): the metric with I_τ minus without, per base."""
+  out = []
+  for setting in SETTINGS:
+    lang_key, head_key = ('accuracy', 'acc') if setting == 'xor_attriqa' else ('f1', 'f1')
+    for size in SIZES:
+      gains = {}
+      for base, with_row, without_row in FIGURE6_PAIRS:
+        on, off = runs.get((setting, with_row, size)), runs.get((setting, without_row, size))
+        if not on or not off:
+          continue
+        t_on, t_off = on['test']['per_language'], off['test']['per_language']
+        per_lang = {lang: t_on[lang][lang_key] - t_off[lang][lang_key] for lang in t_off if lang in t_on}
+        h_on, h_off = (_value(runs, setting, row, size, head_key) for row in (with_row, without_row))
+        gains[base] = (per_lang, None if h_on is None or h_off is None else h_on - h_off)
+      if gains:
+        out.append((setting, size, gains))
+  return out
+
+
+def figure6_table(runs: dict) -> list[list[str]]:
+  """One row per language and one for the headline (mean over the scored languages), per setting and τ size."""
+  bases = [base for base, _, _ in FIGURE6_PAIRS]
+  rows = [['Setting', 'τ', 'Language'] + [f'Gain from I_τ, {base}' for base in bases]]
+  for setting, size, gains in figure6_gains(runs):
+    langs = []
+    for per_lang, _ in gains.values():
+      langs += [lang for lang in per_lang if lang not in langs]
+    for lang in langs:
+      rows.append([setting, size, lang] + [f'{gains[b][0][lang]:+.1f}' if b in gains and lang in gains[b][0] else ''
+                                           for b in bases])
+    rows.append([setting, size, 'mean (headline)'] + [
+        ('—' if gains[b][1] is None else f'{gains[b][1]:+.1f}') if b in gains else '' for b in bases])
+  return rows
+
+
+def figure6(runs: dict, path: str) -> bool:
+  """Per language and the headline mean: bars of the gain from I_τ for the instruction-tuned and the plain τ."""
+  panels = figure6_gains(runs)
+  if not panels:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+  width = 0.8 / len(FIGURE6_PAIRS)
+  for ax, (setting, size, gains) in zip(axes[:, 0], panels):
+    langs = []
+    for per_lang, _ in gains.values():
+      langs += [lang for lang in per_lang if lang not in langs]
+    groups = langs + ['mean\n(headline)']
+    for k, (base, _, _) in enumerate(FIGURE6_PAIRS):
+      if base in gains:
+        per_lang, head = gains[base]
+        ys = [per_lang.get(lang, float('nan')) for lang in langs] + [float('nan') if head is None else head]
+        ax.bar([i + (k - (len(FIGURE6_PAIRS) - 1) / 2) * width for i in range(len(groups))], ys, width, label=base)
+    ax.axhline(0, color='grey', lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=7)
+    ax.set_ylabel(('accuracy' if setting == 'xor_attriqa' else 'F1') + ' gain from I_τ')
+    ax.set_title(f'{setting}, τ {size}', fontsize=9)
+    ax.legend(fontsize=7)
+  fig.suptitle('Figure 6: instruction-augmented tuning on an instruction-tuned and a plain τ')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
 
 
 def reliance(runs: dict) -> list[list[str]]:
@@ -286,11 +360,14 @@ def report(runs_dir: str, out_dir: str) -> dict:
     texts.append(write_table(out_dir, f'appendix_{setting}', f'Per-language results: {setting}',
                              appendix(runs, setting)))
   for name, title, rows in (('figure4', 'Figure 4: ways of using the rationales', figure4_table(runs)),
+                            ('figure6', 'Figure 6: gain from instruction-augmented tuning (test; with I_τ minus '
+                             'without, no rationale, LoRA)', figure6_table(runs)),
                             ('reliance', 'Rationale reliance: FIAT with its rationales replaced', reliance(runs))):
     if len(rows) > 1:
       texts.append(write_table(out_dir, name, title, rows))
   figures = [p for p, fn in ((os.path.join(out_dir, 'figure3.png'), figure3),
-                             (os.path.join(out_dir, 'figure5.png'), figure5)) if fn(runs, p)]
+                             (os.path.join(out_dir, 'figure5.png'), figure5),
+                             (os.path.join(out_dir, 'figure6.png'), figure6)) if fn(runs, p)]
   with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(texts) + ''.join(f'\n![{os.path.basename(p)}]({os.path.basename(p)})\n' for p in figures))
   return {'runs': len(runs), 'tables': len(texts), 'figures': figures, 'markdown': '\n'.join(texts)}

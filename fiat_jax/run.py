@@ -51,8 +51,11 @@ class Recipe:
   instruction: bool = True  # instruction-augmented tuning (I_τ)
   peft: bool = True  # LoRA only; False: every base parameter trains
   instruction_tuned_base: bool = True
+  rationale_field: str = 'rationale'  # ŷ_β = the store record's parsed reasoning | raw: β's whole output
 
   def __post_init__(self):
+    if self.rationale_field not in data.RATIONALE_FIELDS:
+      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {data.RATIONALE_FIELDS}')
     if self.method not in ('tau', 'icl'):
       raise ValueError(f'Recipe.method: {self.method!r} is not tau or icl')
     if self.rationale not in ('input', 'none', 'distilled'):
@@ -282,7 +285,8 @@ def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) 
   exp.require('dataset', 'mixture', 'data_dir')
   needs_store = recipe.rationale != 'none'
   data.register_tasks(exp.dataset, exp.data_dir, vocab, exp.store_dir if needs_store else None,
-                      recipes=(recipe.data_recipe,), languages=exp.languages, inputs_length=exp.inputs_length)
+                      recipes=(recipe.data_recipe,), languages=exp.languages, inputs_length=exp.inputs_length,
+                      rationale_field=recipe.rationale_field)
   return f'{exp.mixture}_{recipe.data_recipe}'
 
 
@@ -365,7 +369,8 @@ def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=Non
   write_predictions(os.path.join(run_dir, f'predictions_{exp.test_split}.jsonl'), test, final)
   return write_metrics(run_dir, exp, recipe, {
       'test': final['result'], 'best': res.best, 'steps': res.step, 'task': task,
-      'truncation': data.truncation_stats(task, exp.test_split), 'unparsed': final['unparsed']})
+      'truncation': dict(data.truncation_stats(task, exp.test_split), train_rationale_targets=(
+          data.rationale_target_truncation(task, 'train', exp.targets_length))), 'unparsed': final['unparsed']})
 
 
 # ---- Run directory files ---------------------------------------------------------------------------------------
@@ -439,7 +444,7 @@ def evaluate_run(exp: Experiment, recipe: Recipe, split: str = 'test', rationale
   else:
     raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
     stored = store.latest_by_example(exp.store_dir, split) if exp.store_dir else {}
-    texts = data.attach_rationales(raw, stored, f'{exp.store_dir} {split}')
+    texts = data.attach_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
     texts = replace_rationales(raw, texts, rationales, exp.seed)
     examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(raw, texts)]
   out = evaluate(model, variables, vocab, examples, exp.dataset, max_decode_tokens=exp.max_decode_tokens,

@@ -2,6 +2,8 @@
 that needs it); finished rows (metrics.json present) are skipped, so a killed sweep resumes where it stopped.
 
   python -m fiat_jax.sweep --setting=xtreme_up_indic --sizes=XS,S --table=3 --gin.DATA_DIR=... (any gin flags)
+
+--table=4 and --table=6 run the rows of Figures 4 and 6.
 """
 import sys
 
@@ -17,9 +19,12 @@ import gin
 from fiat_jax import cli
 from fiat_jax import run
 
-# FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse.
+# FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse. '4' and '6' are
+# Figures 4 and 6; Figure 6's rows need no rationale: w/o CoT with and without I_τ, on the instruction-tuned τ
+# (Table 3 rows 2 and 3) and on the plain τ.
 TABLE_ROWS = {'2': ('fiat', 'icl', 'finetune'), '3': ('fiat', 'icl', 'wo_cot', 'wo_instruction', 'wo_peft', 'finetune'),
-              '4': ('fiat', 'wo_cot', 'distilled_cot')}
+              '4': ('fiat', 'wo_cot', 'distilled_cot'),
+              '6': ('wo_cot', 'wo_instruction', 'plain_wo_cot', 'plain_wo_instruction')}
 
 
 def run_files(setting: str, sizes: list[str], table: str) -> list[str]:

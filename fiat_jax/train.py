@@ -51,6 +51,9 @@ class TrainConfig:
   z_loss: float = 0.0  # + z_loss * log(Z)^2 per target token
   label_smoothing: float = 0.0
   loss_chunk: int = 0  # positions per cross-entropy chunk (never the whole [B, L, V] logits); 0: no chunking
+  # λ of distilled CoT: batches with decoder_task_ids (0 label, 1 rationale) train on the label token mean
+  # + λ · the rationale token mean (losses.task_mean_weights); other batches on the token mean.
+  rationale_loss_weight: float = 1.0
   compute_dtype: str | None = None  # e.g. "bfloat16": matmuls in it, parameters and optimizer state stay float32
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate only at the end
@@ -123,7 +126,13 @@ def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
 
 def loss_and_grads(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
   """(mean loss, mean NLL, summed loss weight, gradients of the mean loss w.r.t. the trainable tree only),
-  accumulated over `micro_batches` slices of the batch."""
+  accumulated over `micro_batches` slices of the batch. With decoder_task_ids the means are per task, mixed
+  with TrainConfig.rationale_loss_weight (the weights are normalised over the whole batch before slicing)."""
+  token_count = jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))
+  per_task = "decoder_task_ids" in batch
+  if per_task:
+    batch = dict(batch, decoder_loss_weights=losses.task_mean_weights(
+        batch["decoder_loss_weights"], batch["decoder_task_ids"], (1.0, tcfg.rationale_loss_weight)))
   grad_fn = jax.value_and_grad(functools.partial(loss_sums, model=model, tcfg=tcfg), has_aux=True)
   M = tcfg.micro_batches
   if M == 1:
@@ -140,9 +149,10 @@ def loss_and_grads(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
     zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
     (grads, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros(3, jnp.float32)), (micro, jnp.arange(M)))
     loss_sum, weight_sum, nll_sum = sums[0], sums[1], sums[2]
-  denom = jnp.maximum(weight_sum, 1e-9)  # NaN weights stay NaN (jnp.maximum propagates it): the loop stops
+  # NaN weights stay NaN (jnp.maximum propagates it): the loop stops. Per-task weights are already means.
+  denom = jnp.ones((), jnp.float32) if per_task else jnp.maximum(weight_sum, 1e-9)
   grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-  return loss_sum / denom, nll_sum / denom, weight_sum, grads
+  return loss_sum / denom, nll_sum / denom, token_count, grads
 
 
 def train_step(state, frozen, batch, *, model, tcfg: TrainConfig, tx, lr_fn):

@@ -137,3 +137,53 @@ def test_fingerprint_and_eval_examples(tmp_path):
   path.write_text(path.read_text(encoding='utf-8').replace('New Delhi', 'Delhi'), encoding='utf-8')
   _register(str(copy))
   assert data.fingerprint('xtreme_up_xqa_full_finetune', 'train') != fp
+
+
+def test_rationale_targets_are_cut_and_counted_and_rows_carry_their_task():
+  examples = [{'id': 'a', 'kind': 'label', 'inputs': [5, 6, 7], 'targets': [8, 1]},
+              {'id': 'b', 'kind': 'rationale', 'inputs': [5, 6], 'targets': list(range(10, 30)) + [1]},
+              {'id': 'c', 'kind': 'rationale', 'inputs': [9], 'targets': [11, 12, 1]}]
+  lengths = {'inputs': 4, 'targets': 6}
+  batch = next(data.feature_batches(examples, lengths, 3, seed=0))
+  order = [next(o) for o in [data._local_order(3, 0, 0, 1, 0)] for _ in range(3)]
+  for row, i in enumerate(order):
+    ex = examples[i]
+    assert (batch['decoder_task_ids'][row] == data.TASK_IDS[ex['kind']]).all()
+    kept = ex['targets'][:6]  # the 21-token rationale keeps its first 6 tokens (no EOS: it goes on)
+    n_in = len(ex['inputs'])
+    np.testing.assert_array_equal(batch['decoder_target_tokens'][row, n_in:n_in + len(kept)], kept)
+    assert batch['decoder_loss_weights'][row].sum() == len(kept)
+  assert data._cut_rationale_targets(examples, 6)[1] == {'rationale_targets': 2, 'truncated': 1,
+                                                         'mean_tokens_cut': 15.0}
+  plain = next(data.feature_batches([dict(ex, kind='label') for ex in examples[:1]], lengths, 1, seed=0))
+  assert 'decoder_task_ids' not in plain  # single-task data: the loss stays one token mean
+  with pytest.raises(readers.DataError, match='1 examples longer than feature_lengths'):  # labels are never cut
+    data.feature_batches([dict(examples[1], kind='label')], lengths, 1, seed=0)
+  with pytest.raises(ValueError, match=r'need unpacked rows \(pack=False\)'):
+    data.feature_batches(examples, lengths, 1, seed=0, pack=True)
+  with pytest.raises(ValueError, match=r"example kinds \['answer'\]"):
+    data.feature_batches([dict(examples[0], kind='answer')], lengths, 1, seed=0)
+
+
+def test_batches_of_a_distilled_task_follow_the_stream_order(tmp_path):
+  from fiat_jax.beta import store  # pylint: disable=g-import-not-at-top
+  with store.ShardWriter(str(tmp_path / 'store')) as writer:
+    for ex in readers.read_split('xtreme_up_xqa', XQA, 'train'):
+      writer.append(store.make_record(
+          key=f'train-{ex["id"]}', example_id=ex['id'], task='xtreme_up_xqa', split='train',
+          language=ex['language'], input_hash=store.input_hash('xtreme_up_xqa', ex), i_beta_version='v1', beta='b',
+          sampling={}, rationale='R' * 50, answer=ex['target'], raw='', samples=[], tokens_in=1, tokens_out=1,
+          latency_s=0.1, backend='t', error=None))
+  xtreme_up.register(XQA, VOCAB, str(tmp_path / 'store'), recipes=('distilled_cot',), languages=['hi'])
+  name = 'xtreme_up_xqa_hi_distilled_cot'
+  tokenized = data._tokenized(name, 'train')
+  assert [ex['kind'] for ex in tokenized] == ['label', 'rationale'] * 3
+  it = data.train_batches(name, 'train', {'inputs': 1024, 'targets': 32}, 2, seed=4, start_step=1)
+  order = data._local_order(6, 4, 0, 1, 2)
+  for batch in (next(it), next(it)):
+    for row in range(2):
+      ex = tokenized[next(order)]
+      assert batch['decoder_task_ids'][row, 0] == data.TASK_IDS[ex['kind']]
+      assert batch['decoder_loss_weights'][row].sum() == min(len(ex['targets']), 32)
+  assert data.rationale_target_truncation(name, 'train', 32) == {'rationale_targets': 3, 'truncated': 3,
+                                                                  'mean_tokens_cut': 19.0}  # 50 + EOS - 32

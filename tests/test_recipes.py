@@ -19,18 +19,21 @@ MACROS = ["DATA_DIR='{data}'", "RUNS_DIR='{runs}'", "STORE_DIR='{store}'", "BETA
 # Table 3's rows switch ingredients off cumulatively (FIDELITY.md): (data recipe, peft, instruction-tuned base).
 EXPECTED = {'fiat': ('fiat', True, True), 'wo_cot': ('no_cot', True, True), 'wo_instruction': ('finetune', True, True),
             'wo_peft': ('finetune', False, True), 'wo_it_base': ('finetune', False, False),
-            'finetune': ('finetune', False, False), 'distilled_cot': ('distilled_cot', True, True)}
+            'finetune': ('finetune', False, False), 'distilled_cot': ('distilled_cot', True, True),
+            'plain_wo_cot': ('no_cot', True, False), 'plain_wo_instruction': ('finetune', True, False)}
 
 
-def write_store(store_dir, dataset, data_dir):
+def write_store(store_dir, dataset, data_dir, rationale=lambda ex: f'The passage is about {ex["id"]}.',
+                raw=lambda ex: ''):
   """A rationale store holding one successful record per example and split."""
   with store.ShardWriter(str(store_dir)) as writer:
     for split in readers.SPLITS:
       for ex in readers.read_split(dataset, data_dir, split):
         writer.append(store.make_record(
             key=f'{split}-{ex["id"]}', example_id=ex['id'], task=dataset, split=split, language=ex['language'],
-            i_beta_version='v1', beta='http:big', sampling={}, rationale=f'The passage is about {ex["id"]}.',
-            answer='yes' if dataset == 'xor_attriqa' else ex['target'], raw='', samples=[], tokens_in=1,
+            input_hash=store.input_hash(dataset, ex),
+            i_beta_version='v1', beta='http:big', sampling={}, rationale=rationale(ex),
+            answer='yes' if dataset == 'xor_attriqa' else ex['target'], raw=raw(ex), samples=[], tokens_in=1,
             tokens_out=1, latency_s=0.1, backend='test', error=None))
   return str(store_dir)
 
@@ -140,3 +143,111 @@ def test_sweep_orders_rows_so_beta_is_asked_once():
   assert len(sweep.run_files('xor_attriqa', ['XS'], '2')) == 3
   with pytest.raises(FileNotFoundError, match='xs_distilled_cot'):
     sweep.run_files('xor_attriqa', ['XS'], '4')
+
+
+def test_sweep_figure6_rows():
+  from fiat_jax import sweep  # pylint: disable=g-import-not-at-top
+  assert sweep.run_files('xtreme_up_full', ['XS', 'S'], '6') == [
+      f'runs/xtreme_up_full/{size}_{row}.gin' for row in ('wo_cot', 'wo_instruction', 'plain_wo_cot',
+                                                          'plain_wo_instruction') for size in ('xs', 's')]
+
+
+def bindings(rel, tmp_path):
+  """The resolved gin config of a runs/ file alone (no tiny.gin), as {'Configurable.param': value text}."""
+  parse([rel], tmp_path, extra=["TAU_XS_IT='/ckpt/xs-it'", "TAU_XS_BASE='/ckpt/xs'", "TAU_S_IT='/ckpt/s-it'",
+                                "TAU_S_BASE='/ckpt/s'"])
+  out, key = {}, None
+  for line in gin.config_str().splitlines():
+    if not line.strip() or line.startswith('#'):
+      continue
+    if not line[0].isspace() and ' = ' in line:
+      key, value = line.split(' = ', 1)
+      out[key] = value
+    else:  # a multi-line value goes on
+      out[key] += line.strip()
+  return out
+
+
+@pytest.mark.parametrize('setting', ['xor_attriqa', 'xtreme_up_indic', 'xtreme_up_full'])
+@pytest.mark.parametrize('size', ['xs', 's'])
+def test_figure6_runs_differ_only_in_the_instruction_and_the_base(setting, size, tmp_path):
+  rows = ('wo_cot', 'wo_instruction', 'plain_wo_cot', 'plain_wo_instruction')
+  cfg, recipes = {}, {}
+  for row in rows:
+    cfg[row] = bindings(f'runs/{setting}/{size}_{row}.gin', tmp_path)
+    recipes[row] = run.Recipe()
+    assert (cfg[row]['Experiment.name'], cfg[row]['Experiment.row']) == (f"'{size}_{row}'", f"'{row}'")
+  gin.clear_config()
+
+  def differ(a, b):
+    keys = (cfg[a].keys() | cfg[b].keys()) - {'Experiment.name', 'Experiment.row'}
+    return {k for k in keys if cfg[a].get(k) != cfg[b].get(k)}
+  assert differ('wo_cot', 'wo_instruction') == differ('plain_wo_cot', 'plain_wo_instruction') == {
+      'Recipe.instruction'}
+  assert differ('wo_cot', 'plain_wo_cot') == differ('wo_instruction', 'plain_wo_instruction') == {
+      'Recipe.instruction_tuned_base'}
+  # Figure 6's pairs: (with I_τ, without I_τ) on the instruction-tuned τ, then on the plain τ; no rationale, LoRA.
+  assert [(r.instruction, r.instruction_tuned_base, r.rationale, r.peft) for r in recipes.values()] == [
+      (True, True, 'none', True), (False, True, 'none', True), (True, False, 'none', True),
+      (False, False, 'none', True)]
+
+
+def test_every_run_selects_checkpoints_on_the_whole_validation_split(tmp_path):
+  paths = [os.path.relpath(p, cli.GIN_DIR) for p in GIN_FILES if os.path.relpath(p, cli.GIN_DIR).startswith('runs')]
+  assert len(paths) >= 50
+  for rel in paths:
+    bindings(rel, tmp_path)
+    assert run.Experiment().max_eval_examples is None, rel
+  # The subsample stays an option: an int keeps that many validation examples per language.
+  parse(['runs/xtreme_up_indic/xs_fiat.gin'], tmp_path, extra=['Experiment.max_eval_examples = 1'])
+  assert run.Experiment().max_eval_examples == 1
+  gin.clear_config()
+  examples = [{'id': str(i), 'language': lang} for i, lang in enumerate(['as', 'hi', 'as', 'mr', 'hi', 'as'])]
+  kept = run._subsample(examples, 1, seed=0)
+  assert sorted(ex['language'] for ex in kept) == ['as', 'hi', 'mr']
+
+
+def test_distilled_cot_cuts_long_rationales_counts_them_and_trains(tmp_path):
+  store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, rationale=lambda ex: 'Step. ' * 50)
+  argv = ['--gin_file=runs/xtreme_up_indic/xs_distilled_cot.gin', '--gin_file=tiny.gin', f"--gin.DATA_DIR='{XQA}'",
+          f"--gin.RUNS_DIR='{tmp_path}'", f"--gin.STORE_DIR='{store_dir}'", "--gin.Experiment.languages=['as', 'mr']",
+          '--gin.RATIONALE_LENGTH=64', '--gin.TrainConfig.rationale_loss_weight=0.5']
+  gin.clear_config()
+  assert run.train_main(argv) == 0
+  run_dir = tmp_path / 'xtreme_up_indic' / 'xs_distilled_cot'
+  m = json.loads((run_dir / 'metrics.json').read_text())
+  # 4 as + mr training examples, each a 299-byte rationale + EOS: 300 tokens, cut to 64
+  assert m['truncation']['train_rationale_targets'] == {'rationale_targets': 4, 'truncated': 4,
+                                                        'mean_tokens_cut': 236.0}
+  assert json.loads((run_dir / 'train_config.json').read_text())['train']['rationale_loss_weight'] == 0.5
+  log = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  losses = [r['loss'] for r in log if 'loss' in r]
+  assert len(losses) == 2 and all(0 < v < 20 for v in losses)
+  gin.clear_config()
+
+
+def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
+  from fiat_jax import data  # pylint: disable=g-import-not-at-top
+  write_store(tmp_path / 'store', 'xor_attriqa', XOR, rationale=lambda ex: f'It names {ex["id"]}.',
+              raw=lambda ex: f'It names {ex["id"]}. So the answer is: yes')
+  texts = {}
+  for field in ('rationale', 'raw'):
+    parse(['runs/xor_attriqa/xs_fiat.gin', 'tiny.gin'], tmp_path, extra=[f"Recipe.rationale_field = '{field}'"])
+    exp, recipe = run.Experiment(), run.Recipe()
+    _, _, vocab, _ = run.tau_model()
+    rows = data.eval_examples(run.format_with_i_tau(exp, recipe, vocab), 'test')
+    texts[field] = {r['id']: r['inputs_pretokenized'] for r in rows}
+    os.makedirs(exp.run_dir, exist_ok=True)
+    run.write_provenance(exp.run_dir)
+    m = run.write_metrics(exp.run_dir, exp, recipe, {})
+    assert json.loads(open(os.path.join(exp.run_dir, run.METRICS_FILE)).read())['recipe']['rationale_field'] == field
+    assert f"Recipe.rationale_field = '{field}'" in open(os.path.join(exp.run_dir, 'config.gin')).read()
+    assert m['recipe']['rationale_field'] == field
+  assert len(texts['raw']) == 15
+  for i, text in texts['raw'].items():
+    assert f'{data.RATIONALE_HEADER} It names {i}. So the answer is: yes\n' in text
+    assert f'{data.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
+    assert 'So the answer is' not in texts['rationale'][i]
+  with pytest.raises(ValueError, match="Recipe.rationale_field: 'answer' is not one of"):
+    run.Recipe(rationale_field='answer')
+  gin.clear_config()

@@ -96,3 +96,35 @@ def test_main_reports_errors_plainly(tmp_path, capsys):
   (bad / 'metrics.json').write_text('{"experiment": {}}')
   assert report.main(['--runs_dir', str(tmp_path)]) == 1
   assert 'not a finished run' in capsys.readouterr().err
+
+
+def test_figure6_gains_from_the_instruction_per_base_and_language(tmp_path, capsys):
+  runs = tmp_path / 'runs'
+  # with I_τ minus without: the instruction-tuned τ gets its first 6 vs 3 answers right, the plain τ its first 4
+  # vs answers 1-4 (examples 0..7 are as, hi, mr, as, hi, mr, as, mr)
+  on_it = write_run(runs, 'xtreme_up_indic', 'xs_wo_cot', 'wo_cot', 'XS', xqa_result(6))
+  off_it = write_run(runs, 'xtreme_up_indic', 'xs_wo_instruction', 'wo_instruction', 'XS', xqa_result(3))
+  on_plain = write_run(runs, 'xtreme_up_indic', 'xs_plain_wo_cot', 'plain_wo_cot', 'XS', xqa_result(4))
+  off_plain = write_run(runs, 'xtreme_up_indic', 'xs_plain_wo_instruction', 'plain_wo_instruction', 'XS',
+                        metrics.score_xtreme_up(TARGETS, ['wrong'] + TARGETS[1:5] + ['wrong'] * 3, LANGS, seed=0,
+                                                n_resamples=50))
+  assert report.main(['--runs_dir', str(runs), '--out_dir', str(tmp_path / 'out')]) == 0
+  printed = capsys.readouterr().out
+  rows = read_csv(tmp_path / 'out' / 'figure6.csv')
+  assert rows[0] == ['Setting', 'τ', 'Language', 'Gain from I_τ, instruction-tuned τ', 'Gain from I_τ, plain τ']
+  # as (0, 3, 6): IT 2/3 vs 1/3 right, plain 2/3 vs 1/3; hi (1, 4): IT 2/2 vs 1/2, plain 1/2 vs 2/2;
+  # mr (2, 5, 7): IT 2/3 vs 1/3, plain 1/3 vs 1/3
+  for row, lang in zip(rows[1:4], ('as', 'hi', 'mr')):
+    expected = [on[lang]['f1'] - off[lang]['f1'] for on, off in ((on_it['per_language'], off_it['per_language']),
+                                                                 (on_plain['per_language'], off_plain['per_language']))]
+    assert row == ['xtreme_up_indic', 'XS', lang] + [f'{g:+.1f}' for g in expected]
+  assert [r[3:] for r in rows[1:4]] == [['+33.3', '+33.3'], ['+50.0', '-50.0'], ['+33.3', '+0.0']]
+  head_it = on_it['headline']['value'] - off_it['headline']['value']  # mean over as and mr (hi: high-resource)
+  head_plain = on_plain['headline']['value'] - off_plain['headline']['value']
+  assert rows[4] == ['xtreme_up_indic', 'XS', 'mean (headline)', f'{head_it:+.1f}', f'{head_plain:+.1f}']
+  assert (f'{head_it:+.1f}', f'{head_plain:+.1f}') == ('+33.3', '+16.7')
+  assert '## Figure 6' in printed and '| xtreme_up_indic | XS | mean (headline) | +33.3 | +16.7 |' in printed
+  assert (tmp_path / 'out' / 'figure6.md').read_text().startswith('## Figure 6')
+  with open(tmp_path / 'out' / 'figure6.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert '![figure6.png](figure6.png)' in (tmp_path / 'out' / 'report.md').read_text()

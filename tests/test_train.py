@@ -198,6 +198,48 @@ def test_cross_entropy_with_z_loss_and_label_smoothing_by_hand():
   np.testing.assert_allclose(float(nll), 0.1698 + 0.5 * 1.0986, atol=1e-3)
 
 
+def test_distilled_cot_loss_is_label_mean_plus_lambda_rationale_mean_by_hand():
+  """Row 0: a 2-token label, NLL ln 2 per token; row 1: a 6-token rationale, NLL ln(4/3) per token."""
+  logits = np.zeros((2, 8, 2), np.float32)
+  logits[1, :, 0] = np.log(3.0)  # p(target 0) = 3/4
+  targets = jnp.zeros((2, 8), jnp.int32)
+  weights = jnp.array([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.float32)
+  task_ids = jnp.array([[0] * 8, [1] * 8], jnp.int32)
+  per_task = losses.task_mean_weights(weights, task_ids, (1.0, 0.5))
+  np.testing.assert_allclose(per_task[0, :2], [0.5, 0.5])
+  np.testing.assert_allclose(per_task[1, :6], [0.5 / 6] * 6, rtol=1e-6)
+  loss, nll = losses.cross_entropy_sums(jnp.asarray(logits).reshape(-1, 2), targets.reshape(-1),
+                                        per_task.reshape(-1), 0.0, 0.0)
+  np.testing.assert_allclose(float(loss), np.log(2) + 0.5 * np.log(4 / 3), rtol=1e-6)  # 0.8370
+  np.testing.assert_allclose(float(nll), float(loss))
+  token_mean = (2 * np.log(2) + 6 * np.log(4 / 3)) / 8  # 0.3891: what one token-weighted mean would train on
+  assert abs(float(loss) - token_mean) > 0.4
+  only_labels = losses.task_mean_weights(weights.at[1].set(0.0), task_ids, (1.0, 0.5))
+  np.testing.assert_allclose(only_labels, weights.at[1].set(0.0) / 2)  # an absent task adds nothing
+
+
+@pytest.mark.parametrize("chunk,micro", [(0, 1), (4, 1), (0, 2)])
+def test_per_task_loss_and_grads_equal_the_two_task_means_mixed(chunk, micro):
+  cfg = tiny()
+  params = params_of(cfg)
+  trainable, frozen = train.split_variables("peft", params, lora_of(cfg, params))
+  batch = random_batch(5, rows=8)
+  rationale_rows = np.array([0, 1, 0, 1, 1, 1, 0, 1], bool)  # 3 label rows, 5 rationale rows
+  task_ids = np.broadcast_to(rationale_rows[:, None].astype(np.int32), batch["decoder_loss_weights"].shape)
+  only = lambda rows: dict(batch, decoder_loss_weights=batch["decoder_loss_weights"] * rows[:, None])
+  label = _grads(cfg, train.TrainConfig(batch_size=8), trainable, frozen, only(~rationale_rows))
+  rationale = _grads(cfg, train.TrainConfig(batch_size=8), trainable, frozen, only(rationale_rows))
+  tcfg = train.TrainConfig(batch_size=8, rationale_loss_weight=0.3, loss_chunk=chunk, micro_batches=micro)
+  got = _grads(cfg, tcfg, trainable, frozen, dict(batch, decoder_task_ids=task_ids.copy()))
+  np.testing.assert_allclose(got[0], label[0] + 0.3 * rationale[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], label[1] + 0.3 * rationale[1], rtol=1e-5)
+  assert float(got[2]) == float(batch["decoder_loss_weights"].sum())  # target_tokens stays a token count
+  for a, b, c in zip(*(jax.tree_util.tree_leaves(x[3]) for x in (got, label, rationale))):
+    np.testing.assert_allclose(a, b + 0.3 * c, atol=1e-6)
+  token_mean = _grads(cfg, train.TrainConfig(batch_size=8), trainable, frozen, batch)
+  assert abs(float(got[0]) - float(token_mean[0])) > 1e-2
+
+
 @pytest.mark.parametrize("mode", ["peft", "full"])
 def test_peft_keeps_the_base_bit_identical_and_full_changes_it(tmp_path, mode):
   cfg = tiny(lora=mode == "peft")
