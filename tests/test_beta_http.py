@@ -9,6 +9,7 @@ import sys
 import time
 
 import gin
+import openai
 import pytest
 
 from fiat_jax.beta import backends
@@ -203,9 +204,9 @@ def test_bad_request_is_recorded_not_retried(tmp_path, tiny_beta):
 def test_kill_9_mid_run_then_resume(tmp_path, tiny_beta, task_dirs, capsys, monkeypatch):
   monkeypatch.setenv(KEY_ENV, SECRET)
   class SlowBeta(backends.LocalBeta):
-    def complete_texts(self, texts, sampling, seeds):
+    def complete_texts(self, texts, sampling, seeds, steps=None):
       time.sleep(0.15)  # so the kill lands mid-run
-      return super().complete_texts(texts, sampling, seeds)
+      return super().complete_texts(texts, sampling, seeds, steps)
 
   slow = SlowBeta(tiny_beta.model, tiny_beta.variables, tiny_beta.vocab, tiny_beta.identity, batch_size=8,
                   max_len=2048)
@@ -262,9 +263,9 @@ def test_batcher_waits_for_clients_that_come_back(tiny_beta):
   import threading  # pylint: disable=g-import-not-at-top
 
   class SlowBeta(backends.LocalBeta):
-    def complete_texts(self, texts, sampling, seeds):
+    def complete_texts(self, texts, sampling, seeds, steps=None):
       time.sleep(1.5)  # a batch's decoding time; the window becomes at least 0.1 x 1.5 s = 150 ms
-      return super().complete_texts(texts, sampling, seeds)
+      return super().complete_texts(texts, sampling, seeds, steps)
 
   slow = SlowBeta(tiny_beta.model, tiny_beta.variables, tiny_beta.vocab, tiny_beta.identity, batch_size=4,
                   max_len=2048)
@@ -312,7 +313,9 @@ def test_fiat_serve_command(tmp_path):
     beta = backends.HttpBeta(base_url=url, model="local:tiny-random-0", api_key_env="SERVE_KEY_CLIENT",
                              endpoint="completions")
     comp = beta.call([{"role": "user", "content": "Question: Q?"}], SAMPLING, 0)
-    models = beta._client.models.list()
+    models = openai.OpenAI(base_url=url, api_key=SECRET, max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError):  # the model list needs the key too
+      openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
   finally:
     os.environ.pop("SERVE_KEY_CLIENT", None)
     proc.kill()

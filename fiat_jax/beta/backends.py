@@ -1,4 +1,5 @@
 """beta's backends: LocalBeta (our JAX model, batched KV-cache decoding) and HttpBeta (OpenAI-compatible APIs)."""
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -83,8 +84,13 @@ class LocalBeta:
     ids = list(self.vocab.encode(text))
     return [self.bos_id] + ids if self.bos_id is not None else ids
 
-  def complete_texts(self, texts: list[str], sampling: Sampling, seeds: list[int]) -> list[Completion]:
-    """Completions of plain-text prompts: greedy rows batched together; sampled prompts one key each."""
+  def complete_texts(self, texts: list[str], sampling: Sampling, seeds: list[int],
+                     steps: int | None = None) -> list[Completion]:
+    """Completions of plain-text prompts: greedy rows batched together; sampled prompts one key each.
+
+    Args: steps (>= sampling.max_new_tokens) is how many tokens to decode before keeping the first max_new_tokens:
+    a server passes a bucket so that nearby max_tokens values share one compiled program.
+    """
     from fiat_jax import decoding  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
@@ -96,8 +102,11 @@ class LocalBeta:
         out[i] = Completion([], len(t), 0, 0.0, f"prompt has {len(t)} tokens, max_len is {self.max_len}")
       else:
         ok.append(i)
-    kw = dict(max_new_tokens=sampling.max_new_tokens, eos_id=self.vocab.eos_id, temperature=sampling.temperature,
-              top_k=sampling.top_k, top_p=sampling.top_p, pad_id=self.vocab.pad_id, max_len=self.max_len)
+    if steps is not None and steps < sampling.max_new_tokens:
+      raise ValueError(f"steps ({steps}) must be >= max_new_tokens ({sampling.max_new_tokens})")
+    kw = dict(max_new_tokens=steps or sampling.max_new_tokens, eos_id=self.vocab.eos_id,
+              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+              pad_id=self.vocab.pad_id, max_len=self.max_len)
     with self.lock, self.context():
       if sampling.temperature == 0 and sampling.num_samples == 1:
         res = decoding.generate(self.model, self.variables, [tokens[i] for i in ok], batch_size=self.batch_size, **kw)
@@ -111,6 +120,7 @@ class LocalBeta:
     latency = time.monotonic() - start
     for i, rows in generated.items():
       texts_i, reasons = [], []
+      rows = [r[:sampling.max_new_tokens] for r in rows]  # decoded past it only when a bucket asked for more
       for r in rows:
         text, stopped = truncate_at_stop(self.vocab.decode(r), sampling.stop)
         texts_i.append(text)
@@ -130,17 +140,20 @@ class LocalBeta:
 @gin.configurable
 def local_beta(checkpoint_dir: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
                render: Callable[[list[dict]], str] | None = None, batch_size: int = 8, max_len: int = 4096,
-               bos_id: int | None = None, dtype: str | None = None) -> LocalBeta:
-  """A frozen Hugging Face checkpoint as beta, loaded straight into its shards on the (gin-configured) mesh."""
+               bos_id: int | None = None, dtype: str | None = None, expected=None) -> LocalBeta:
+  """A frozen Hugging Face checkpoint as beta, loaded straight into its shards on the (gin-configured) mesh;
+  `expected` (a models/*.gin file's BETA_CONFIG) is the architecture the checkpoint must have."""
   import jax  # pylint: disable=g-import-not-at-top
   from fiat_jax import hf  # pylint: disable=g-import-not-at-top
   from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
+  if not checkpoint_dir:
+    raise ValueError("local_beta.checkpoint_dir is not set: bind BETA_CHECKPOINT (a gin_configs/models/ β file)")
   if jax.process_count() > 1:
     raise ValueError("local_beta: LocalBeta decodes in one process; on a multi-host slice run `fiat serve` on one "
                      "host and HttpBeta on the workers")
   mesh = sharding.make_mesh()
-  cfg, params = hf.load(checkpoint_dir, mesh=mesh, dtype=dtype)
+  cfg, params = hf.load(checkpoint_dir, mesh=mesh, dtype=dtype, expected=expected)
   return LocalBeta(model_lib.Transformer(cfg), {"params": params}, vocabulary,
                    identity=f"local:{os.path.abspath(checkpoint_dir)}", render=render or prompts.render_plain,
                    batch_size=batch_size, max_len=max_len, bos_id=bos_id,
@@ -165,27 +178,39 @@ def tiny_local_beta(seed: int = 0, batch_size: int = 8, max_len: int | None = 20
 
 @gin.configurable
 class Budget:
-  """Caps on requests, tokens and cost (retries counted); a request is refused if it could pass a cap."""
+  """Caps on requests, tokens and cost (retries counted); a request is refused if its worst case could pass a cap.
+
+  Usage is counted as the server reports it. A report above a request's worst case (more tokens than the prompt
+  has bytes, or than max_tokens) means the bound behind "refuse before going over" does not hold for this
+  server: with a token or cost cap set, no further request is sent (BudgetExceeded), and the report is kept in
+  summary()["overrun"].
+  """
 
   def __init__(self, max_requests: int | None = None, max_tokens: int | None = None, max_cost: float | None = None,
                price_in_per_mtok: float = 0.0, price_out_per_mtok: float = 0.0):
     self.max_requests, self.max_tokens, self.max_cost = max_requests, max_tokens, max_cost
     self.price_in, self.price_out = price_in_per_mtok, price_out_per_mtok
     self.requests = self.tokens_in = self.tokens_out = 0  # settled
+    self.overrun: str | None = None  # why no further request may be sent, once the server's usage broke a bound
     self._held = [0, 0, 0]  # reserved by requests in flight: requests, tokens in, tokens out
     self._lock = threading.Lock()
 
   def cost(self, tokens_in: int, tokens_out: int) -> float:
     return (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
 
+  def _caps(self, requests: int, tokens_in: int, tokens_out: int):
+    return (("requests", requests, self.max_requests), ("tokens", tokens_in + tokens_out, self.max_tokens),
+            ("cost", self.cost(tokens_in, tokens_out), self.max_cost))
+
   def reserve(self, tokens_in: int, tokens_out: int) -> tuple[int, int]:
     """Holds an upper bound of one request's usage; raises BudgetExceeded if it could pass a cap."""
     with self._lock:
+      if self.overrun:
+        raise BudgetExceeded(self.overrun)
       req = self.requests + self._held[0] + 1
       tin = self.tokens_in + self._held[1] + tokens_in
       tout = self.tokens_out + self._held[2] + tokens_out
-      for name, value, cap in (("requests", req, self.max_requests), ("tokens", tin + tout, self.max_tokens),
-                               ("cost", self.cost(tin, tout), self.max_cost)):
+      for name, value, cap in self._caps(req, tin, tout):
         if cap is not None and value > cap:
           raise BudgetExceeded(f"budget: the next request could bring {name} to {value:g}, over the cap of {cap:g} "
                                f"(used: {self.summary()}); stopping before sending it")
@@ -193,16 +218,26 @@ class Budget:
       return tokens_in, tokens_out
 
   def settle(self, held: tuple[int, int], tokens_in: int, tokens_out: int) -> None:
-    """Replaces a reservation by what the request actually used."""
+    """Replaces a reservation by what the request actually used (the server's count)."""
     with self._lock:
       self._held = [self._held[0] - 1, self._held[1] - held[0], self._held[2] - held[1]]
       self.requests += 1
       self.tokens_in += tokens_in
       self.tokens_out += tokens_out
+      if (tokens_in > held[0] or tokens_out > held[1]) and (self.max_tokens is not None
+                                                             or self.max_cost is not None):
+        over = [f"{name} {value:g} > cap {cap:g}" for name, value, cap in
+                self._caps(self.requests, self.tokens_in, self.tokens_out) if cap is not None and value > cap]
+        self.overrun = self.overrun or (
+            f"budget: the server reported {tokens_in} prompt + {tokens_out} completion tokens for a request whose "
+            f"worst case was {held[0]} + {held[1]}" + (f", which brought {', '.join(over)}" if over else "")
+            + f" (used: {self.summary()}); no further request is sent, since the cap can no longer be kept")
+        logging.error("%s", self.overrun)
 
   def summary(self) -> dict:
-    return {"requests": self.requests, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-            "cost": round(self.cost(self.tokens_in, self.tokens_out), 6)}
+    out = {"requests": self.requests, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+           "cost": round(self.cost(self.tokens_in, self.tokens_out), 6)}
+    return out | ({"overrun": self.overrun} if self.overrun else {})
 
 
 class _Retryable(Exception):
@@ -238,6 +273,20 @@ def retry_after_seconds(headers) -> float | None:
     return None
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+  """The event loop (one daemon thread) that sends every HttpBeta request, so that a request can be cancelled."""
+  global _LOOP
+  with _LOOP_LOCK:
+    if _LOOP is None:
+      _LOOP = asyncio.new_event_loop()
+      threading.Thread(target=_LOOP.run_forever, name="http-beta-loop", daemon=True).start()
+    return _LOOP
+
+
 @gin.configurable
 class HttpBeta:
   """An OpenAI-compatible server as beta (vLLM, TGI, Ollama, hosted APIs, `fiat serve`), with our retry layer."""
@@ -249,7 +298,8 @@ class HttpBeta:
                retry_seed: int = 0):
     """Args: api_key_env names the environment variable holding the key (None: the server needs no key);
     endpoint is "chat" (/v1/chat/completions) or "completions" (/v1/completions, the prompt rendered as text);
-    timeout_s bounds one attempt, deadline_s one call with all its retries."""
+    timeout_s bounds one attempt and deadline_s one call with all its retries, both in wall-clock time (a server
+    that sends a byte at a time is cut off like a silent one)."""
     if endpoint not in ("chat", "completions"):
       raise ValueError(f"HttpBeta.endpoint must be 'chat' or 'completions', got {endpoint!r}")
     self.api_key_env = api_key_env
@@ -264,22 +314,21 @@ class HttpBeta:
     self._rng = random.Random(retry_seed)
     self._rng_lock = threading.Lock()
     self.retries = 0  # attempts after the first, over the whole run
-    self._openai: openai.OpenAI | None = None
+    self._openai: openai.AsyncOpenAI | None = None
 
   @property
-  def _client(self) -> openai.OpenAI:
+  def _client(self) -> openai.AsyncOpenAI:
     with self._client_lock:
       if self._openai is None:
-        if self.api_key_env is None:
+        self._key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        if not self._key:  # a keyless server (`fiat serve` without --api_key_env); one that wants a key answers 401
+          if self.api_key_env:
+            logging.warning("HttpBeta: %s is not set; sending no API key to %s", self.api_key_env, self.base_url)
           self._key = "none"
-        else:
-          self._key = os.environ.get(self.api_key_env, "")
-          if not self._key:
-            raise FatalBetaError(f"HttpBeta: environment variable {self.api_key_env} (HttpBeta.api_key_env) is "
-                                 "not set")
-        # Our retry layer is the only one: the client library's own retries are off.
-        self._openai = openai.OpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
-                                     timeout=self.timeout_s)
+        # Our retry layer is the only one: the client library's own retries are off. The client is asynchronous
+        # because httpx's timeouts restart with every byte read; only cancelling the request bounds its time.
+        self._openai = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
+                                          timeout=self.timeout_s)
       return self._openai
 
   def __repr__(self):
@@ -290,7 +339,7 @@ class HttpBeta:
     return text.replace(self._key, "[REDACTED]") if self._key and self._key != "none" else text
 
   def check_credentials(self) -> None:
-    """Raises FatalBetaError now, not mid-run, when the API key variable is unset."""
+    """Builds the client before the first request (a keyless one, with a warning, when the key variable is unset)."""
     self._client  # pylint: disable=pointless-statement
 
   def _send(self, messages: list[dict], sampling: Sampling, seed: int, timeout: float) -> tuple[list[str], int, int]:
@@ -304,19 +353,22 @@ class HttpBeta:
       kw["stop"] = list(sampling.stop)
     if sampling.top_k:
       kw["extra_body"] = {"top_k": sampling.top_k}  # not in OpenAI's API; vLLM and `fiat serve` accept it
-    prompt = None if self.endpoint == "chat" else self.render(messages)
     client = self._client
+    request = (client.chat.completions.create(messages=messages, **kw) if self.endpoint == "chat"
+               else client.completions.create(prompt=self.render(messages), **kw))
+    future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(request, timeout), _event_loop())
     try:
-      if prompt is None:
-        resp = client.chat.completions.create(messages=messages, **kw)
-      else:
-        resp = client.completions.create(prompt=prompt, **kw)
+      resp = future.result()  # wait_for cancels the request (and closes its connection) at `timeout`
+    except TimeoutError:
+      raise _Retryable(f"timeout after {timeout:.1f}s (no complete answer)", billed=True) from None
     except openai.RateLimitError as e:
       if _is_quota(e):
         raise FatalBetaError(f"beta quota exhausted (HTTP 429 insufficient_quota): {self.redact(str(e))}") from None
       raise _Retryable(f"HTTP 429: {e}", retry_after_seconds(e.response.headers)) from None
     except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-      raise FatalBetaError(f"beta refused the request (HTTP {e.status_code}) at {self.base_url}: "
+      hint = (f" (no API key was sent: set {self.api_key_env or 'HttpBeta.api_key_env'})"
+              if e.status_code == 401 and self._key == "none" else "")
+      raise FatalBetaError(f"beta refused the request (HTTP {e.status_code}) at {self.base_url}{hint}: "
                            f"{self.redact(str(e))}") from None
     except openai.APITimeoutError:
       raise _Retryable(f"timeout after {timeout:.1f}s", billed=True) from None
@@ -328,13 +380,15 @@ class HttpBeta:
       raise _Permanent(f"HTTP {e.status_code}: {e}") from None
     except (openai.APIResponseValidationError, ValueError) as e:  # a body that is not the JSON promised
       raise _Retryable(f"malformed response: {type(e).__name__}: {e}", billed=True) from None
+    except BaseException:
+      future.cancel()  # e.g. KeyboardInterrupt in this thread: the request must not outlive the call
+      raise
     try:
       choices = sorted(resp.choices, key=lambda c: c.index)
       texts = [c.message.content if self.endpoint == "chat" else c.text for c in choices]
       if len(texts) != sampling.num_samples or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"expected {sampling.num_samples} text choices, got {texts!r:.200}")
-      usage = resp.usage
-      return texts, getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+      return (texts, *_usage(resp.usage))
     except (AttributeError, TypeError, ValueError) as e:
       raise _Retryable(f"malformed response: {e}", billed=True) from None
 
@@ -347,7 +401,10 @@ class HttpBeta:
     start = time.monotonic()
     deadline = start + self.deadline_s
     # Upper bound of the prompt's tokens (no tokenizer makes more tokens than UTF-8 bytes, plus template overhead).
-    est_in = sum(len(m["content"].encode("utf-8")) + 16 for m in messages)
+    if self.endpoint == "chat":
+      est_in = sum(len(m["content"].encode("utf-8")) + 16 for m in messages)
+    else:  # the text sent is the rendered prompt, longer than the messages' contents
+      est_in = len(self.render(messages).encode("utf-8")) + 16
     est_out = sampling.max_new_tokens * sampling.num_samples
     attempt, last_error = 0, ""
     while True:
@@ -388,7 +445,7 @@ class HttpBeta:
     """Completions of (messages, seed) requests as they finish, at most `concurrency` in flight.
 
     On BudgetExceeded or FatalBetaError no new request starts; the ones in flight finish and are yielded, then the
-    error is raised.
+    error is raised. A budget overrun reported by the server on the last requests is raised after them.
     """
     pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="http-beta")
     todo = iter(enumerate(requests))
@@ -415,10 +472,21 @@ class HttpBeta:
             continue
           yield i, comp
         fill()
+      if stop is None and self.budget.overrun:
+        stop = BudgetExceeded(self.budget.overrun)
       if stop is not None:
         raise stop
     finally:
       pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _usage(usage) -> tuple[int | None, int | None]:
+  """(prompt, completion) tokens as reported; a total above their sum counts as completion tokens (billed)."""
+  tin, tout = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+  total = getattr(usage, "total_tokens", None)
+  if isinstance(total, int) and tin is not None and tout is not None and total > tin + tout:
+    tout = total - tin
+  return tin, tout
 
 
 def _is_quota(e: openai.APIStatusError) -> bool:
