@@ -1,6 +1,7 @@
 """Fault injection for HTTP beta and `fiat serve`: slow drips, floods, oversized and unauthenticated bodies, bad
 sampling values, compilations per max_tokens, and servers that report more usage than asked for."""
 import http.client
+import http.server
 import json
 import re
 import socket
@@ -146,7 +147,6 @@ def test_attempt_timeout_is_wall_clock_and_retried_within_the_deadline():
 
 def usage_server(usage: dict):
   """An OpenAI-style server whose every answer reports `usage`; returns its URL, request count and listener."""
-  import http.server  # pylint: disable=g-import-not-at-top
   seen = []
 
   class Handler(http.server.BaseHTTPRequestHandler):
