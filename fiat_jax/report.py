@@ -1,6 +1,7 @@
 """`fiat report`: the paper's Table 2 and Table 3 layouts, per-language appendix tables (Markdown and CSV, with
 bootstrap intervals), Figure 3, Figure 4's table, Figure 5 (PNG), Figure 6 (PNG and table) and the
-rationale-reliance analysis, from run directories written by `fiat train` / `fiat evaluate` (RUNS_DIR/<setting>/<name>/metrics.json)."""
+rationale-reliance analysis, from run directories written by `fiat train` / `fiat evaluate`
+(RUNS_DIR/<setting>/<name>/metrics.json)."""
 import argparse
 import csv
 import glob
@@ -21,7 +22,8 @@ ROW_TITLES = {'icl': 'Few-shot ICL', 'finetune': 'Fine-tune', 'fiat': 'FIAT', 'w
               'Plain τ, w/o CoT- and instruction-augmented tuning'}
 TABLE3_ROWS = ('fiat', 'wo_cot', 'wo_instruction', 'wo_peft', 'wo_it_base')
 # Figure 6: the gain from I_τ is (w/o CoT) - (w/o CoT and w/o I_τ), on the instruction-tuned and the plain τ.
-FIGURE6_PAIRS = (('instruction-tuned τ', 'wo_cot', 'wo_instruction'), ('plain τ', 'plain_wo_cot', 'plain_wo_instruction'))
+FIGURE6_PAIRS = (('instruction-tuned τ', 'wo_cot', 'wo_instruction'),
+                 ('plain τ', 'plain_wo_cot', 'plain_wo_instruction'))
 RELIANCE = ('stored', 'empty', 'shuffled')
 
 
