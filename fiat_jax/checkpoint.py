@@ -4,7 +4,11 @@ The frozen base is referenced (its path and a fingerprint of its config), never 
 `keep` newest checkpoints plus the best by the configured metric. A save that was cut off (a half-written
 directory) is moved aside on the next start and reported; it is never listed or restored.
 
-Layout of a run directory: checkpoints/<step>/{state, meta}, partial_checkpoints/<name>-<time> (moved aside).
+A committed checkpoint that no longer restores (a missing or truncated file, missing metadata) is moved aside
+too, and resume falls back to the newest one that does.
+
+Layout of a run directory: checkpoints/<step>/{state, meta}, partial_checkpoints/<name>-<time> and
+corrupt_checkpoints/<step>.corrupt-<time> (moved aside).
 """
 import dataclasses
 import hashlib
@@ -13,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,6 +25,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINTS = "checkpoints"
 PARTIAL = "partial_checkpoints"
+CORRUPT = "corrupt_checkpoints"
+META_FIELDS = ("step", "data_position", "identity", "base", "best")
 COMMIT_FILE = "commit_success.txt"  # Orbax writes it last, before the atomic rename (or as the commit on GCS).
 ITEMS = ("state", "meta")
 
@@ -111,6 +117,55 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any,
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
   """The JSON part of checkpoint `step` (data position, base reference, best so far)."""
   return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def _move_aside(mgr: ocp.CheckpointManager, run_dir: str, step: int) -> str:
+  """Moves checkpoint `step` to corrupt_checkpoints/<step>.corrupt-<time> (process 0) and re-lists the steps."""
+  src = os.path.join(str(mgr.directory), str(step))
+  dest = os.path.join(run_dir, CORRUPT, f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(src, dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"fiat_jax.checkpoint.move_aside.{step}")
+  mgr.reload()
+  return dest
+
+
+def restore_newest(mgr: ocp.CheckpointManager, run_dir: str, abstract_state,
+                   check: Callable[[dict, str], None]) -> tuple[int | None, Any, dict | None, list[str]]:
+  """(step, state, meta, notices) of the newest checkpoint that restores; (None, None, None, notices) if none.
+
+  `check(meta, where)` vets a checkpoint before its state is read (a changed run identity raises: the user's
+  error, never a fallback). A checkpoint whose metadata or state cannot be read is moved aside with a notice
+  naming where it went, and the next older one is tried.
+  """
+  notices = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    where = f"{mgr.directory}/{step}"
+    try:
+      meta = read_meta(mgr, step)
+      absent = [f for f in META_FIELDS if f not in meta]
+      if absent:
+        raise ValueError(f"its metadata lacks {absent}")
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and tensorstore raise many kinds)
+      notices.append(_corrupt_notice(where, _move_aside(mgr, run_dir, step), e))
+      continue
+    check(meta, where)
+    try:
+      state, meta = restore(mgr, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      notices.append(_corrupt_notice(where, _move_aside(mgr, run_dir, step), e))
+      continue
+    return step, state, meta, notices
+  return None, None, None, notices
+
+
+def _corrupt_notice(where: str, dest: str, error: Exception) -> str:
+  first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+  return (f"warning: checkpoint {where} is committed but does not restore ({type(error).__name__}: {first}); "
+          f"moved it to {dest} and trying the next older one")
 
 
 def check_resume(saved: dict, current: dict, where: str):

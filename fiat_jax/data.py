@@ -1,5 +1,4 @@
 """seqio helpers: I_tau formatting, rationale attachment, passage-first truncation, per-host input."""
-import collections
 import dataclasses
 import functools
 import hashlib
@@ -119,22 +118,18 @@ def _raw_split(dataset: str, data_dir: str, source: str, split: str) -> list[dic
 @functools.lru_cache(maxsize=None)
 def _rationale_records(dataset: str, data_dir: str, source: str,
                        rationale_dir: str) -> dict[str, dict[str, dict]]:
-  """Store records per split for this data set's examples; one I_beta version and one beta."""
+  """Store records per split and example id, chosen by store.select over every split at once: one β, I_β
+  version and sampling per language (I_β differs per language), the input as β saw it. An example without a
+  record maps to {'missing': why}."""
   if not os.path.isdir(rationale_dir):
     raise readers.DataError(f'{rationale_dir}: rationale store not found')
-  by_split = {}
-  for split in readers.SPLITS:
-    ids = {ex['id'] for ex in _raw_split(dataset, data_dir, source, split)}
-    latest = store.latest_by_example(rationale_dir, split=split)
-    by_split[split] = {i: r for i, r in latest.items() if i in ids}
-  used = [r for records in by_split.values() for r in records.values()]
-  for field in ('i_beta_version', 'beta'):
-    counts = collections.Counter(str(r.get(field)) for r in used)
-    if len(counts) > 1:
-      per_split = {s: sorted({str(r.get(field)) for r in recs.values()}) for s, recs in by_split.items()}
-      raise readers.DataError(
-          f'{rationale_dir}: the rationales of one run must all come from the same {field}; '
-          f'found {dict(counts)} (per split: {per_split})')
+  splits = {split: _raw_split(dataset, data_dir, source, split) for split in readers.SPLITS}
+  chosen = store.select(rationale_dir, dataset, [ex for exs in splits.values() for ex in exs])
+  by_split, start = {}, 0
+  for split, exs in splits.items():
+    by_split[split] = {ex['id']: chosen.records[start + j] or {'missing': chosen.missing[start + j]}
+                       for j, ex in enumerate(exs)}
+    start += len(exs)
   return by_split
 
 
@@ -149,8 +144,9 @@ def attach_rationales(examples: Sequence[dict], records: Mapping[str, dict], whe
              or not records[ex['id']][field].strip()]
   if missing:
     shown = ', '.join(missing[:20]) + (' ...' if len(missing) > 20 else '')
+    why = dict.fromkeys(records.get(i, {}).get('missing', f'an empty {field!r}') for i in missing)
     raise readers.DataError(f'{where}: {len(missing)} of {len(examples)} examples have no '
-                            f'{field!r} in the store: {shown}')
+                            f'{field!r} in the store: {shown} (why: {"; ".join(why)})')
   return [records[ex['id']][field].strip() for ex in examples]
 
 

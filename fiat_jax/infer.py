@@ -29,8 +29,7 @@ def read_inputs(path: str, dataset: str) -> list[dict]:
     if ex['language'] not in readers.LANGUAGES[dataset]:
       raise readers.DataError(f'{path}:{line_no}: field \'language\': unknown language {ex["language"]!r} '
                               f'for {dataset}')
-    ex.setdefault('id', readers.example_id(line))
-    ex['id'] = str(ex['id'])
+    ex['id'] = readers.parse_id(ex, line, path, line_no)
     rows.append(ex)
   if not rows:
     raise readers.DataError(f'{path}: no input lines')
@@ -45,10 +44,13 @@ def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRE
   inputs = read_inputs(input_file, exp.dataset)
   rationales, sources = [None] * len(inputs), [None] * len(inputs)
   if recipe.rationale == 'input':
-    stored = store.latest_by_example(exp.store_dir) if exp.store_dir and os.path.isdir(exp.store_dir) else {}
-    for i, ex in enumerate(inputs):
-      if ex['id'] in stored:
-        rationales[i], sources[i] = stored[ex['id']]['rationale'], 'store'
+    # A bound β pins the lookup to its identity and I_β; else the store must hold one β and I_β per language.
+    pins = {}
+    if beta.backend is not None:
+      pins = dict(beta=beta.backend.identity, i_beta_texts=i_beta_of(exp, beta, inputs, split)[1])
+    for i, r in enumerate(store.select(store_dir_of(exp), exp.dataset, inputs, **pins).records):
+      if r is not None:
+        rationales[i], sources[i] = r[recipe.rationale_field], 'store'
     todo = [i for i, r in enumerate(rationales) if r is None]
     if todo:
       asked = ask_beta(exp, beta, [inputs[i] for i in todo], split)
@@ -69,21 +71,30 @@ def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRE
           'from_store': sum(s == 'store' for s in sources), 'output_file': output_file}
 
 
+def store_dir_of(exp: run.Experiment) -> str:
+  """Where `fiat infer` reads and appends β's rationales: the run's store, else one in the run directory."""
+  return exp.store_dir or os.path.join(exp.run_dir, 'infer_store')
+
+
+def i_beta_of(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str):
+  """β's I_β (messages, texts) per language, built as `fiat rationales` builds them."""
+  train_examples = {}
+  if exp.data_dir:
+    train_examples['train'] = readers.read_split(exp.dataset, exp.data_dir, 'train', exp.languages)
+  return beta_run.build_i_beta(exp.dataset, train_examples | {split: examples}, beta.instruction_file,
+                               beta.exemplars_file)
+
+
 def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str) -> list[str]:
   """β's rationales for new inputs, appended to the store (so no input is ever asked twice)."""
   if beta.backend is None:
     raise ValueError(f'{len(examples)} inputs have no stored rationale and Beta.backend is not set: bind it '
                      f'(e.g. --gin.Beta.backend=@HttpBeta())')
-  train_examples = {}
-  if exp.data_dir:
-    train_examples['train'] = readers.read_split(exp.dataset, exp.data_dir, 'train', exp.languages)
-  i_beta, texts = beta_run.build_i_beta(exp.dataset, train_examples | {split: examples}, beta.instruction_file,
-                                        beta.exemplars_file)
+  i_beta, texts = i_beta_of(exp, beta, examples, split)
   sampling = backends.Sampling()
   items = beta_run.plan(exp.dataset, {split: examples}, (split,), i_beta, texts, beta.backend.identity, sampling)
   out = [None] * len(items)
-  store_dir = exp.store_dir or os.path.join(exp.run_dir, 'infer_store')
-  with store.ShardWriter(store_dir, jax.process_index()) as writer:
+  with store.ShardWriter(store_dir_of(exp), jax.process_index()) as writer:
     for i, comp in beta.backend.map([(it.messages, it.seed) for it in items], sampling):
       record = beta_run.build_record(items[i], comp, exp.dataset, beta.backend.identity, sampling,
                                      type(beta.backend).__name__)

@@ -197,37 +197,69 @@ def score_xor_attriqa(labels: Sequence[bool], predictions: Sequence[bool], langu
 
 
 def read_predictions(path: str) -> list[dict]:
-  """XTREME-UP submission form: one JSON object per line with a `prediction` field."""
+  """XTREME-UP submission form: one JSON object per line with a `prediction` field (and optionally `id`)."""
   rows = []
-  for line_no, _, row in readers.jsonl_objects(path):
+  for line_no, raw_line, row in readers.jsonl_objects(path):
     if 'prediction' not in row:
       raise readers.DataError(f"{path}:{line_no}: field 'prediction': missing")
+    if 'id' in row:
+      row = dict(row, id=readers.parse_id(row, raw_line, path, line_no))
     rows.append(dict(row, _line=line_no))
   return rows
 
 
+def _align(rows: list[dict], examples: list[dict], predictions: str, gold: str) -> list[dict]:
+  """The prediction row of each gold example: joined on id when the predictions carry ids, else by line order."""
+  with_id = [row for row in rows if 'id' in row]
+  if not with_id:
+    if len(rows) != len(examples):
+      raise ValueError(f'{predictions}: {len(rows)} predictions but {len(examples)} gold examples in {gold}: '
+                       f'counts must match (one line per example, in gold order), or give each line its id')
+    return rows
+  if len(with_id) != len(rows):
+    line = next(row['_line'] for row in rows if 'id' not in row)
+    raise readers.DataError(f"{predictions}:{line}: field 'id': missing (other lines have one; predictions are "
+                            f"joined to gold on id)")
+  gold_ids = {ex['id'] for ex in examples}
+  by_id = {}
+  for row in rows:
+    if row['id'] not in gold_ids:
+      raise readers.DataError(f"{predictions}:{row['_line']}: field 'id': {row['id']!r} is not a gold example "
+                              f"of {gold}")
+    if row['id'] in by_id:
+      raise readers.DataError(f"{predictions}:{row['_line']}: field 'id': {row['id']!r} again (first on line "
+                              f"{by_id[row['id']]['_line']})")
+    by_id[row['id']] = row
+  absent = [ex['id'] for ex in examples if ex['id'] not in by_id]
+  if absent:
+    raise ValueError(f'{predictions}: no prediction for {len(absent)} of {len(examples)} gold examples of {gold}: '
+                     + ', '.join(absent[:10]) + (' ...' if len(absent) > 10 else ''))
+  return [by_id[ex['id']] for ex in examples]
+
+
 def _label_of(value, path: str, line: int) -> bool:
+  """A label prediction: true/false, "yes"/"no" or the gold's own "True"/"False" (any case)."""
   if isinstance(value, bool):
     return value
-  if isinstance(value, str) and value.strip().lower() in (POSITIVE_LABEL, NEGATIVE_LABEL):
-    return value.strip().lower() == POSITIVE_LABEL
+  word = value.strip().lower() if isinstance(value, str) else None
+  if word in (POSITIVE_LABEL, 'true'):
+    return True
+  if word in (NEGATIVE_LABEL, 'false'):
+    return False
   raise readers.DataError(f"{path}:{line}: field 'prediction': expected "
-                          f'{POSITIVE_LABEL!r}/{NEGATIVE_LABEL!r} or true/false, got {value!r}')
+                          f'{POSITIVE_LABEL!r}/{NEGATIVE_LABEL!r}, "True"/"False" or true/false, got {value!r}')
 
 
 def score_files(task: str, gold: str, predictions: str, *, split: str = 'test',
                 languages: Optional[Sequence[str]] = None, seed: int = 0,
                 n_resamples: int = 1000) -> dict:
-  """Scores a prediction file against gold: a released JSONL file or an extracted release dir."""
+  """Scores a prediction file against gold (a released JSONL file or an extracted release dir), joined on id."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if tf.io.gfile.isdir(gold):
     examples = readers.read_split(task, gold, split, languages)
   else:
     examples = readers.read_file(task, gold)
-  rows = read_predictions(predictions)
-  if len(rows) != len(examples):
-    raise ValueError(f'{predictions}: {len(rows)} predictions but {len(examples)} gold examples '
-                     f'in {gold}: counts must match (one line per example, in gold order)')
+  rows = _align(read_predictions(predictions), examples, predictions, gold)
   langs = [ex['language'] for ex in examples]
   kw = dict(seed=seed, n_resamples=n_resamples)
   if task == 'xtreme_up_xqa':

@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fiat_jax import config_check
+
 LORA_B_NAMES = ("b", "embed_b", "unembed_b")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class OptimConfig:
   """The UPDATE of Algorithm 1: optimizer, schedule, clipping, LoRA+."""
   optimizer: str = "adamw"  # adamw | adafactor

@@ -46,18 +46,39 @@ class DataError(ValueError):
   """Bad input data; the message names the file, the line and the field."""
 
 
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _object(pairs: list) -> dict:
+  """A JSON object whose keys are all different (json.loads would silently keep the last of a repeated key)."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise _DuplicateKey(key)
+    out[key] = value
+  return out
+
+
 def jsonl_objects(path: str) -> Iterator[tuple[int, str, dict]]:
-  """(line number, line, object) for each non-blank line of a JSON-lines file (local or any tf.io.gfile path);
-  a line that is not a JSON object is a DataError naming the file and the line."""
+  """(line number, line, object) for each non-blank line of a UTF-8 JSON-lines file (local or any tf.io.gfile
+  path); a line that is not UTF-8, not a JSON object or repeats a key is a DataError naming the file and line."""
   if not _gfile().exists(path):
     raise DataError(f'{path}: file not found')
-  with _gfile().GFile(path, 'r') as f:
-    for line_no, line in enumerate(f, start=1):
+  with _gfile().GFile(path, 'rb') as f:
+    for line_no, data in enumerate(f, start=1):
+      try:
+        line = data.decode('utf-8-sig' if line_no == 1 else 'utf-8')
+      except UnicodeDecodeError as e:
+        _fail(path, line_no, None, f'not UTF-8 (byte {data[e.start]:#04x} is byte {e.start + 1} of the line); '
+              f'the files must be UTF-8 encoded')
       line = line.rstrip('\r\n')
       if not line.strip():
         continue
       try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_object)
+      except _DuplicateKey as e:
+        _fail(path, line_no, str(e), 'appears twice in one object (which one is meant is ambiguous)')
       except json.JSONDecodeError as e:
         _fail(path, line_no, None, f'malformed JSON ({e.msg} at column {e.colno})')
       if not isinstance(obj, dict):
@@ -73,6 +94,18 @@ def _fail(path: str, line: int, field: Optional[str], msg: str):
 def example_id(raw_line: str) -> str:
   """Content hash id of one raw JSON line (first 16 hex of its sha256)."""
   return hashlib.sha256(raw_line.encode('utf-8')).hexdigest()[:16]
+
+
+def parse_id(raw: dict, raw_line: str, path: str, line: int) -> str:
+  """The line's 'id' (a non-empty string, or an integer as its digits), else its content hash."""
+  if 'id' not in raw:
+    return example_id(raw_line)
+  value = raw['id']
+  if isinstance(value, int) and not isinstance(value, bool):
+    return str(value)
+  if not isinstance(value, str) or not value.strip():
+    _fail(path, line, 'id', f'expected a non-empty string or an integer, got {json.dumps(value)}')
+  return value
 
 
 def parse_bool(value: Any, path: str, line: int, field: str) -> bool:
@@ -98,18 +131,21 @@ def _check_language(language: str, dataset: str, path: str, line: int, field: Op
           f'(known: {", ".join(LANGUAGES[dataset])})')
 
 
-def _xor_attriqa_example(raw: dict, raw_line: str, path: str, line: int) -> dict:
+def _xor_attriqa_example(raw: dict, raw_line: str, path: str, line: int, file_language: Optional[str]) -> dict:
   for field in XOR_ATTRIQA_STRING_FIELDS:
     _string(raw, field, path, line)
   if 'ais' not in raw:
     _fail(path, line, 'ais', 'missing')
   language = raw['query_language']
   _check_language(language, 'xor_attriqa', path, line, 'query_language')
+  if file_language is not None and language != file_language:
+    _fail(path, line, 'query_language', f'{language!r} in the {file_language!r} file (each test file holds one '
+          f'language)')
   # The paper's setting: the in-language passage when it was retrieved in the
   # query's language, else the English one.
   in_language = raw['passage_retrieved_language'] == language
   return {
-      'id': str(raw['id']) if 'id' in raw else example_id(raw_line),
+      'id': parse_id(raw, raw_line, path, line),
       'language': language,
       'question': raw['query'],
       'answer': raw['prediction'],
@@ -120,7 +156,7 @@ def _xor_attriqa_example(raw: dict, raw_line: str, path: str, line: int) -> dict
 
 
 def _xtreme_up_example(raw: dict, raw_line: str, path: str, line: int, language: str) -> dict:
-  example = {'id': str(raw['id']) if 'id' in raw else example_id(raw_line), 'language': language}
+  example = {'id': parse_id(raw, raw_line, path, line), 'language': language}
   for field in XTREME_UP_STRING_FIELDS:
     example[field] = _string(raw, field, path, line)
   example['raw'] = raw
@@ -130,17 +166,21 @@ def _xtreme_up_example(raw: dict, raw_line: str, path: str, line: int, language:
 def read_file(dataset: str, path: str, language: Optional[str] = None) -> list[dict]:
   """Parses one released JSONL file into canonical example dicts (blank lines skipped).
 
-  For XTREME-UP the language is the file's base name unless given.
+  For XTREME-UP the language is the file's base name unless given; an XOR-AttriQA file named after a language
+  (a test file: bn.jsonl) must hold that language only.
   """
   if dataset not in DATASETS:
     raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
+  stem = os.path.basename(path).split('.')[0]
   if dataset == 'xtreme_up_xqa':
-    language = language or os.path.basename(path).split('.')[0]
+    language = language or stem
     _check_language(language, dataset, path, 0, None)
+  elif language is None and stem in XOR_ATTRIQA_LANGUAGES:
+    language = stem
   examples = []
   for line_no, raw_line, raw in jsonl_objects(path):
     if dataset == 'xor_attriqa':
-      examples.append(_xor_attriqa_example(raw, raw_line, path, line_no))
+      examples.append(_xor_attriqa_example(raw, raw_line, path, line_no, language))
     else:
       examples.append(_xtreme_up_example(raw, raw_line, path, line_no, language))
   if not examples:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import seqio
 
+from fiat_jax import config_check
 from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import decoding
@@ -46,6 +47,7 @@ METRICS_FILE = 'metrics.json'
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """FIAT's ingredients (FIDELITY.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
+@config_check.typed
   method: str = 'tau'  # tau: train τ | icl: β's few-shot CoT answers, nothing trained
   rationale: str = 'input'  # input: [I_τ; x; ŷ_β] | none | distilled: a second training target (Hsieh et al.)
   instruction: bool = True  # instruction-augmented tuning (I_τ)
@@ -76,6 +78,7 @@ class Recipe:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """One row of a table: the data set, the run's name and where things live."""
+@config_check.typed
   dataset: Optional[str] = None  # xor_attriqa | xtreme_up_xqa
   mixture: Optional[str] = None  # task prefix: xor_attriqa, xtreme_up_xqa_indic, xtreme_up_xqa_full
   setting: Optional[str] = None  # report column: xor_attriqa | xtreme_up_indic | xtreme_up_full | miniature
@@ -178,6 +181,7 @@ def decode(model, variables, vocab, examples: list[dict], dataset: str, *, max_d
   if dataset == 'xor_attriqa':
     label = lambda word: list(vocab.encode(word)) + [vocab.eos_id]
     yes = decoding.score(model, variables, prompts, [label('yes')] * len(prompts), vocab.pad_id, batch_size)
+@config_check.typed
     no = decoding.score(model, variables, prompts, [label('no')] * len(prompts), vocab.pad_id, batch_size)
     scores = [float(y - n) for y, n in zip(yes, no)]
   else:
@@ -443,7 +447,7 @@ def evaluate_run(exp: Experiment, recipe: Recipe, split: str = 'test', rationale
     examples = data.eval_examples(format_with_i_tau(exp, recipe, vocab), split)
   else:
     raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
-    stored = store.latest_by_example(exp.store_dir, split) if exp.store_dir else {}
+    stored = store.select(exp.store_dir or '', exp.dataset, raw).by_id(raw)
     texts = data.attach_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
     texts = replace_rationales(raw, texts, rationales, exp.seed)
     examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(raw, texts)]

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fiat_jax import checkpoint
+from fiat_jax import config_check
 from fiat_jax import losses
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
@@ -41,6 +42,7 @@ MODES = ("peft", "full")
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class TrainConfig:
   """Everything about a run except the model, the data and the callbacks."""
   mode: str = "peft"  # peft: only LoRA trains | full: every base parameter trains
@@ -300,17 +302,19 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
   identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
                   base_config_fingerprint=base["config_fingerprint"])
   best = None
-  latest = mgr.latest_step()
-  if latest is not None:
-    where = f"{mgr.directory}/{latest}"
-    meta = checkpoint.read_meta(mgr, latest)
+
+  def vet(meta, where):
     checkpoint.check_resume(meta["identity"], identity, where)
     if meta["base"]["path"] != base["path"]:
       log.text(f"note: the checkpoint's base was {meta['base']['path']!r}, this run loads {base['path']!r} "
                f"(same config fingerprint {base['config_fingerprint']})")
-    state, meta = checkpoint.restore(mgr, latest, checkpoint.abstract(state, state_sh))
-    best = meta["best"]
-    log.text(f"resumed from {where}: step {latest}, data position {meta['data_position']} batches")
+
+  latest, restored, meta, notices = checkpoint.restore_newest(mgr, run_dir, checkpoint.abstract(state, state_sh), vet)
+  for notice in notices:
+    log.text(notice)
+  if latest is not None:
+    state, best = restored, meta["best"]
+    log.text(f"resumed from {mgr.directory}/{latest}: step {latest}, data position {meta['data_position']} batches")
   elif jax.process_index() == 0:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:

@@ -8,6 +8,7 @@ from fiat_jax.beta import backends
 from fiat_jax.beta import run
 from fiat_jax.beta import serve
 from fiat_jax.beta import store
+import store_helpers
 from test_beta_http import write_prompt_files, write_xqa_data
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
@@ -87,31 +88,27 @@ def test_self_consistency_majority_vote():
   assert (failed["error"], failed["rationale"], failed["samples"]) == ("HTTP 500", None, [])
 
 
-def _store_answers(store_dir, task, split, answers):
-  with store.ShardWriter(store_dir, 0) as w:
-    for i, (example_id, language, answer) in enumerate(answers):
-      w.append(store.make_record(
-          key=f"k{i}", example_id=example_id, task=task, split=split, language=language, i_beta_version="v",
-          beta="http:m", sampling={}, rationale="r", answer=answer, raw=f"r\nAnswer: {answer}", samples=[],
-          tokens_in=1, tokens_out=1, latency_s=0.1, backend="HttpBeta", error=None))
+def _store_answers(store_dir, task, answers, name="A", **kw):
+  """`fiat rationales` on the test split with a ScriptedBeta answering answers[id] (None: beta fails on it)."""
+  data_dir = os.path.join(TESTDATA, "xor_attriqa" if task == "xor_attriqa" else "xtreme_up")
+  replies = {i: None if a is None else f"The passage decides.\nAnswer: {a}" for i, a in answers.items()}
+  beta = store_helpers.ScriptedBeta(name, store_helpers.replies_by_id(task, data_dir, replies))
+  return store_helpers.write_store(store_dir, task, data_dir, beta, splits=("test",), **kw)
 
 
-def test_icl_baseline_xor_attriqa(tmp_path):
+def test_icl_baseline_xor_attriqa_scores_the_chosen_beta(tmp_path):
   from fiat_jax import readers
   data_dir = os.path.join(TESTDATA, "xor_attriqa")
   test = readers.read_split("xor_attriqa", data_dir, "test")
   assert len(test) == 15
-  answers = []
+  answers = {}
   for i, ex in enumerate(test):
-    if ex["language"] == "te" and i % 3 == 0:
-      continue  # never stored: counted wrong
     right = "Yes" if ex["label"] else "No"
     wrong = "No" if ex["label"] else "Yes"
-    answer = {"bn": right, "fi": wrong, "ja": "Maybe", "ru": right, "te": right}[ex["language"]]
-    answers.append((ex["id"], ex["language"], answer))
-  answers.append((test[0]["id"], "bn", "Yes" if test[0]["label"] else "No"))  # a later record wins
-  store_dir = str(tmp_path / "store")
-  _store_answers(store_dir, "xor_attriqa", "test", answers)
+    answers[ex["id"]] = {"bn": right, "fi": wrong, "ja": "Maybe", "ru": right, "te": right}[ex["language"]]
+    if ex["language"] == "te" and i % 3 == 0:
+      answers[ex["id"]] = None  # beta fails on it: counted wrong
+  store_dir = _store_answers(str(tmp_path / "store"), "xor_attriqa", answers)
   out = str(tmp_path / "icl" / "metrics.json")
   result = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, output_file=out)
   accuracy = {lang: row["accuracy"] for lang, row in result["per_language"].items()}
@@ -120,16 +117,24 @@ def test_icl_baseline_xor_attriqa(tmp_path):
   assert result["headline"]["auc_pr_mean_over_languages"] is None  # text only: no AUC-PR
   assert result["icl"] == {"split": "test", "store_dir": store_dir, "missing": 1, "unparsed": 3}
   assert json.load(open(out))["icl"]["missing"] == 1
+  # Another beta's answers (all wrong) in the same store: the ICL row scores the beta it is given, and without one
+  # it refuses the mixture instead of scoring whichever record came last.
+  flipped = {ex["id"]: "No" if ex["label"] else "Yes" for ex in test}
+  _store_answers(store_dir, "xor_attriqa", flipped, name="B")
+  a = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:A")
+  b = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:B")
+  assert a["per_language"] == result["per_language"] and a["icl"]["missing"] == 1
+  assert b["overall"]["accuracy"] == 0.0 and b["icl"]["missing"] == 0
+  with pytest.raises(ValueError, match=r"bn: β 'scripted:\w', I_β version \w+ \(3 examples\); β 'scripted:\w'"):
+    run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir)
 
 
 def test_icl_baseline_xtreme_up(tmp_path):
   from fiat_jax import readers
   data_dir = os.path.join(TESTDATA, "xtreme_up")
   test = readers.read_split("xtreme_up_xqa", data_dir, "test", languages=["bn"])
-  answers = [(ex["id"], "bn", "no answer." if ex["target"] == "No Answer" else "the Pather Panchali (1955)")
-             for ex in test]
-  store_dir = str(tmp_path / "store")
-  _store_answers(store_dir, "xtreme_up_xqa", "test", answers)
+  answers = {ex["id"]: "no answer." if ex["target"] == "No Answer" else "the Pather Panchali (1955)" for ex in test}
+  store_dir = _store_answers(str(tmp_path / "store"), "xtreme_up_xqa", answers, languages=["bn"])
   result = run.icl_baseline(task="xtreme_up_xqa", data_dir=data_dir, store_dir=store_dir, languages=["bn"])
   # "No Answer" is exact; "Pather Panchali" vs "pather panchali 1955": precision 2/3, recall 1 -> F1 0.8.
   assert result["per_language"]["bn"]["f1"] == pytest.approx((100 + 80) / 2)

@@ -11,24 +11,20 @@ from fiat_jax import infer
 from fiat_jax import readers
 from fiat_jax import run
 from fiat_jax.beta import store
+import store_helpers
 from test_recipes import XQA, write_store
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp('infer')
-  store_dir = write_store(root / 'store', 'xtreme_up_xqa', XQA)
-  (root / 'i_beta.txt').write_text('Reason in English, then answer.\n')
-  (root / 'exemplars.jsonl').write_text(json.dumps({
-      'id': 'ex-1', 'language': 'hi', 'question': 'Q?', 'title': 'T', 'context': 'C is 3.', 'target': '3',
-      'rationale': 'C is 3.'}) + '\n')
+  store_dir = write_store(root / 'store', 'xtreme_up_xqa', XQA)  # `fiat rationales` with ScriptedBeta
   argv = ['--gin_file=runs/xtreme_up_full/xs_fiat.gin', '--gin_file=tiny.gin', f"--gin.DATA_DIR='{XQA}'",
           f"--gin.RUNS_DIR='{root / 'runs'}'", f"--gin.STORE_DIR='{store_dir}'"]
   gin.clear_config()
   assert run.train_main(argv) == 0
   gin.clear_config()
-  return root, argv + ['--gin.Beta.backend=@tiny_local_beta()', f"--gin.Beta.instruction_file='{root / 'i_beta.txt'}'",
-                       f"--gin.Beta.exemplars_file='{root / 'exemplars.jsonl'}'", '--gin.beta_sampling.max_new_tokens=8']
+  return root, argv + ['--gin.Beta.backend=@ScriptedBeta()']
 
 
 def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
@@ -36,26 +32,29 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   known = readers.read_split('xtreme_up_xqa', XQA, 'test')[:2]
   lines = [{k: ex[k] for k in ('id', 'language', 'question', 'title', 'context')} for ex in known]
   lines.append({'language': 'hi', 'question': 'नया प्रश्न क्या है?', 'title': 'New', 'context': 'A new passage.'})
+  lines.append(dict(lines[0], question='एक और प्रश्न?'))  # a stored example's id reused for another question
   inp, out = root / 'in.jsonl', root / 'out.jsonl'
   inp.write_text(''.join(json.dumps(x, ensure_ascii=False) + '\n' for x in lines))
   before = len(store.read_records(str(root / 'store')))
   io = [f"--gin.infer.input_file='{inp}'", f"--gin.infer.output_file='{out}'"]
   assert infer.main(argv + io) == 0
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta']
+  assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta', 'beta']
   assert [r['id'] for r in rows[:2]] == [ex['id'] for ex in known]
-  assert rows[0]['rationale'] == f'The passage is about {known[0]["id"]}.'
+  assert rows[0]['rationale'] == store_helpers.rationale_for(known[0])
+  assert rows[3]['id'] == known[0]['id'] and rows[3]['rationale'] == 'Rationale for एक और प्रश्न?.'
   assert all(isinstance(r['prediction'], str) and isinstance(r['score'], float) and r['score'] <= 0 for r in rows)
   records = store.read_records(str(root / 'store'))
-  assert len(records) == before + 1 and records[-1]['split'] == 'infer' and records[-1]['error'] is None
+  assert len(records) == before + 2 and [r['split'] for r in records[-2:]] == ['infer', 'infer']
   gin.clear_config()
   # Run again: the new input's rationale is now stored, β is not asked; τ's answers are the same (greedy).
   out2 = root / 'out2.jsonl'
   assert infer.main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
   rows2 = [json.loads(line) for line in out2.read_text().splitlines()]
-  assert [r['rationale_source'] for r in rows2] == ['store', 'store', 'store']
+  assert [r['rationale_source'] for r in rows2] == ['store'] * 4
+  assert [r['rationale'] for r in rows2] == [r['rationale'] for r in rows]
   assert [r['prediction'] for r in rows2] == [r['prediction'] for r in rows]
-  assert len(store.read_records(str(root / 'store'))) == before + 1
+  assert len(store.read_records(str(root / 'store'))) == before + 2
   gin.clear_config()
 
 

@@ -9,7 +9,7 @@ import pytest
 from fiat_jax import cli
 from fiat_jax import readers
 from fiat_jax import run
-from fiat_jax.beta import store
+import store_helpers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 XOR = os.path.join(TESTDATA, 'xor_attriqa')
@@ -23,19 +23,13 @@ EXPECTED = {'fiat': ('fiat', True, True), 'wo_cot': ('no_cot', True, True), 'wo_
             'plain_wo_cot': ('no_cot', True, False), 'plain_wo_instruction': ('finetune', True, False)}
 
 
-def write_store(store_dir, dataset, data_dir, rationale=lambda ex: f'The passage is about {ex["id"]}.',
-                raw=lambda ex: ''):
-  """A rationale store holding one successful record per example and split."""
-  with store.ShardWriter(str(store_dir)) as writer:
-    for split in readers.SPLITS:
-      for ex in readers.read_split(dataset, data_dir, split):
-        writer.append(store.make_record(
-            key=f'{split}-{ex["id"]}', example_id=ex['id'], task=dataset, split=split, language=ex['language'],
-            input_hash=store.input_hash(dataset, ex),
-            i_beta_version='v1', beta='http:big', sampling={}, rationale=rationale(ex),
-            answer='yes' if dataset == 'xor_attriqa' else ex['target'], raw=raw(ex), samples=[], tokens_in=1,
-            tokens_out=1, latency_s=0.1, backend='test', error=None))
-  return str(store_dir)
+def write_store(store_dir, dataset, data_dir, rationale=None, raw=None):
+  """A rationale store written by `fiat rationales` with store_helpers.ScriptedBeta, whose output for an example is
+  raw(ex), else f'{rationale(ex)}\nAnswer: yes' (default rationale: store_helpers.rationale_for)."""
+  replies = None
+  if raw or rationale:
+    replies = store_helpers.replies_by_id(dataset, data_dir, raw or (lambda ex: f'{rationale(ex)}\nAnswer: yes'))
+  return store_helpers.write_store(store_dir, dataset, data_dir, store_helpers.ScriptedBeta(replies=replies))
 
 
 def parse(files, tmp_path, data=XOR, extra=()):
@@ -228,8 +222,7 @@ def test_distilled_cot_cuts_long_rationales_counts_them_and_trains(tmp_path):
 
 def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
   from fiat_jax import data  # pylint: disable=g-import-not-at-top
-  write_store(tmp_path / 'store', 'xor_attriqa', XOR, rationale=lambda ex: f'It names {ex["id"]}.',
-              raw=lambda ex: f'It names {ex["id"]}. So the answer is: yes')
+  write_store(tmp_path / 'store', 'xor_attriqa', XOR, raw=lambda ex: f'It names {ex["id"]}.\nAnswer: yes')
   texts = {}
   for field in ('rationale', 'raw'):
     parse(['runs/xor_attriqa/xs_fiat.gin', 'tiny.gin'], tmp_path, extra=[f"Recipe.rationale_field = '{field}'"])
@@ -245,9 +238,9 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
     assert m['recipe']['rationale_field'] == field
   assert len(texts['raw']) == 15
   for i, text in texts['raw'].items():
-    assert f'{data.RATIONALE_HEADER} It names {i}. So the answer is: yes\n' in text
+    assert f'{data.RATIONALE_HEADER} It names {i}.\nAnswer: yes\n' in text
     assert f'{data.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
-    assert 'So the answer is' not in texts['rationale'][i]
+    assert 'Answer: yes' not in texts['rationale'][i]
   with pytest.raises(ValueError, match="Recipe.rationale_field: 'answer' is not one of"):
     run.Recipe(rationale_field='answer')
   gin.clear_config()

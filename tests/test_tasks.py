@@ -1,5 +1,6 @@
 """seqio task registration: names, mixtures, I_tau formats per recipe, rationale attachment."""
 import os
+import re
 
 import pytest
 import seqio
@@ -7,6 +8,7 @@ import seqio
 from fiat_jax import data
 from fiat_jax import readers
 from fiat_jax.beta import store
+import store_helpers
 import tasks
 from tasks import xor_attriqa
 from tasks import xtreme_up
@@ -17,23 +19,10 @@ XQA = os.path.join(TESTDATA, 'xtreme_up')
 VOCAB = seqio.ByteVocabulary()
 
 
-def write_store(store_dir, dataset, data_dir, splits=readers.SPLITS, skip=(), i_beta_version='v1',
-                beta='http:big-model', override=None):
-  """A rationale store in the documented JSONL format: one record per example and split."""
-  override = override or {}
-  with store.ShardWriter(str(store_dir)) as writer:
-    for split in splits:
-      for ex in readers.read_split(dataset, data_dir, split):
-        if ex['id'] in skip:
-          continue
-        fields = dict(key=f'{split}-{ex["id"]}', example_id=ex['id'], task=dataset, split=split,
-                      language=ex['language'], i_beta_version=i_beta_version, beta=beta,
-                      sampling={'temperature': 0.0}, rationale=f'Rationale for {ex["id"]}.',
-                      answer=None, raw='', samples=[], tokens_in=10, tokens_out=5, latency_s=0.5,
-                      backend='http', error=None)
-        fields.update(override.get(ex['id'], {}))
-        writer.append(store.make_record(**fields))
-  return str(store_dir)
+def write_store(store_dir, dataset, data_dir, splits=readers.SPLITS, replies=None, beta_name='scripted', **kw):
+  """A store written by `fiat rationales` (ScriptedBeta; `replies`: {example id: β's output, None: β fails})."""
+  beta = store_helpers.ScriptedBeta(beta_name, store_helpers.replies_by_id(dataset, data_dir, replies or {}))
+  return store_helpers.write_store(store_dir, dataset, data_dir, beta, splits, **kw)
 
 
 def test_names_mixtures_and_idempotence():
@@ -82,49 +71,90 @@ def test_formats_per_recipe():
 
 def test_fiat_rationales_joined_by_id(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
+  assert len({r['i_beta_version'] for r in store.read_records(store_dir)}) == 5  # I_β differs per language
   xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat', 'no_instruction'))
   rows = data.eval_examples('xor_attriqa_fiat', 'validation')
   assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
   for r in rows:
-    assert f'{data.RATIONALE_HEADER} Rationale for {r["id"]}.\nAttributable (yes or no):' in r['inputs_pretokenized']
+    rationale = store_helpers.rationale_for(r['example'])
+    assert f'{data.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
     assert r['inputs'] == VOCAB.encode(r['inputs_pretokenized'])
   assert [r['targets_pretokenized'] for r in rows] == ['yes', 'yes', 'yes', 'yes', 'yes']
   plain = data.eval_examples('xor_attriqa_te_no_instruction', 'test')
-  assert plain[1]['inputs_pretokenized'].endswith(f' rationale: Rationale for {plain[1]["id"]}.')
+  assert plain[1]['inputs_pretokenized'].endswith(f' rationale: {store_helpers.rationale_for(plain[1]["example"])}')
   assert plain[1]['targets_pretokenized'] == 'no'
+
+
+@pytest.fixture(scope='module')
+def local_beta():
+  """A tiny random β (our JAX model; kernels scaled so that it writes non-empty text for every prompt)."""
+  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.beta import backends  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.tiny_config(vocab_size=VOCAB.vocab_size)
+  return backends.LocalBeta(model_lib.Transformer(cfg), {'params': helpers.tiny_params(cfg, seed=0)}, VOCAB,
+                            identity='local:tiny-gain-3', batch_size=32, max_len=None)
+
+
+def test_fiat_trains_on_a_store_written_by_a_local_beta_with_per_language_i_beta(tmp_path, local_beta):
+  """Each XOR-AttriQA language has its own I_β (its own exemplars): 5 versions in one store, one per language."""
+  from fiat_jax.beta import backends  # pylint: disable=g-import-not-at-top
+  files = store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa')
+  store_dir = store_helpers.write_store(tmp_path / 'store', 'xor_attriqa', XOR, local_beta,
+                                        sampling=backends.Sampling(max_new_tokens=8), **files)
+  records = store.read_records(store_dir)
+  versions = {}
+  for r in records:
+    versions.setdefault(r['language'], set()).add(r['i_beta_version'])
+  assert len(records) == 30 and all(len(v) == 1 for v in versions.values())
+  assert len(set.union(*versions.values())) == 5
+  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  rows = data.eval_examples('xor_attriqa_fiat', 'train')
+  by_id = {r['example_id']: r for r in records if r['split'] == 'train'}
+  assert len(rows) == 10
+  for row in rows:
+    assert f'{data.RATIONALE_HEADER} {by_id[row["id"]]["rationale"].strip()}\n' in row['inputs_pretokenized']
 
 
 def test_missing_rationales_are_counted_and_listed(tmp_path):
   train = readers.read_split('xor_attriqa', XOR, 'train', ['fi'])
-  skip = {train[0]['id'], train[1]['id']}
-  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, skip=skip)
+  skip = {train[0]['id']: None, train[1]['id']: None}  # β fails on these two
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, replies=skip)
   xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
   data.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
   with pytest.raises(readers.DataError) as e:
     data.eval_examples('xor_attriqa_fi_fiat', 'train')
-  assert '2 of 2 examples have no rationale' in str(e.value)
+  assert "2 of 2 examples have no 'rationale' in the store" in str(e.value)
   assert train[0]['id'] in str(e.value) and train[1]['id'] in str(e.value)
+  assert 'β failed on it (scripted: no reply)' in str(e.value)
   # A record with an empty rationale is missing too, never an empty string.
-  empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, override={train[0]['id']: {'rationale': ' '}})
+  empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, replies={train[0]['id']: 'Answer: yes'})
   xor_attriqa.register(XOR, VOCAB, empty, recipes=('fiat',))
-  with pytest.raises(readers.DataError, match=f'1 of 2 examples have no rationale in the store: {train[0]["id"]}'):
+  with pytest.raises(readers.DataError, match=f"1 of 2 examples have no 'rationale' in the store: {train[0]['id']}"):
     data.eval_examples('xor_attriqa_fi_fiat', 'train')
 
 
-@pytest.mark.parametrize('field, value', [('i_beta_version', 'v2'), ('beta', 'local:/ckpt')])
-def test_mixed_i_beta_or_beta_is_an_error(tmp_path, field, value):
-  test_id = readers.read_split('xor_attriqa', XOR, 'test', ['ja'])[0]['id']
-  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, splits=('train', 'validation'))
-  # The test split's rationales come from another run: the train task must refuse too.
-  with store.ShardWriter(store_dir, process_index=1) as writer:
-    writer.append(store.make_record(
-        key='t', example_id=test_id, task='xor_attriqa', split='test', language='ja',
-        i_beta_version='v1', beta='http:big-model', sampling={}, rationale='R', answer=None, raw='',
-        samples=[], tokens_in=1, tokens_out=1, latency_s=0.1, backend='http', error=None) | {field: value})
+@pytest.mark.parametrize('change', ['beta', 'i_beta'])
+def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, change):
+  files = store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa')
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, splits=('train', 'validation'), **files)
+  # The test split's rationales come from another β or I_β: the train task must refuse too.
+  other = dict(beta_name='other') if change == 'beta' else {}
+  other_files = files if change == 'beta' else store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa',
+                                                                           tag=' v2')
+  write_store(store_dir, 'xor_attriqa', XOR, splits=('test',), **other, **other_files)
   xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
-  with pytest.raises(readers.DataError, match=f'must all come from the same {field}') as e:
+  with pytest.raises(readers.DataError, match='must come from one β, I_β and sampling') as e:
     data.eval_examples('xor_attriqa_bn_fiat', 'train')
-  assert f"'{value}': 1" in str(e.value) and "'test': ['" + value in str(e.value)
+  text = str(e.value)
+  assert all(f'{lang}: ' in text for lang in readers.XOR_ATTRIQA_LANGUAGES)
+  if change == 'beta':
+    assert "β 'scripted:other'" in text and "β 'scripted:scripted'" in text
+  else:
+    versions = {r['i_beta_version'] for r in store.read_records(store_dir) if r['language'] == 'ja'}
+    assert len(versions) == 2 and all(f'I_β version {v}' in text for v in versions)
+  # ja: the fixture's test split repeats its 2 train and 1 validation examples, so each run's records cover all 6.
+  assert re.search(r'ja: β [^|]*\(6 examples\); β [^|]*\(6 examples\) \|', text), text
 
 
 def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
@@ -134,7 +164,7 @@ def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
-  assert rows[0]['targets'] == 'Mumbai' and rows[1]['targets'] == f'Rationale for {rows[1]["id"]}.'
+  assert rows[0]['targets'] == 'Mumbai' and rows[1]['targets'] == store_helpers.rationale_for(rows[1]['example'])
   assert data.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
   # Validation needs no rationale (none is stored for it) and has label outputs only.
   val = data.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')

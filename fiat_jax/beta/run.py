@@ -71,7 +71,8 @@ def build_record(item: Item, comp: backends.Completion, task: str, beta: str, sa
                  backend: str) -> dict:
   """The store record of one completion; self-consistency keeps every sample and the majority answer's first."""
   common = dict(key=item.key, example_id=item.example["id"], task=task, split=item.split,
-                language=item.example["language"], i_beta_version=item.i_beta_version, beta=beta,
+                language=item.example["language"], input_hash=store.input_hash(task, item.example),
+                i_beta_version=item.i_beta_version, beta=beta,
                 sampling=sampling.to_dict(), tokens_in=comp.tokens_in, tokens_out=comp.tokens_out,
                 latency_s=round(comp.latency_s, 4), backend=backend)
   if comp.error is not None:
@@ -176,17 +177,26 @@ def rationales(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_dir
 
 @gin.configurable("icl_baseline")
 def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_dir: str = gin.REQUIRED,
-                 split: str = "test", languages=None, output_file: str | None = None) -> dict:
+                 split: str = "test", languages=None, output_file: str | None = None, beta=None,
+                 instruction_file: str | None = None, exemplars_file: str | None = None) -> dict:
   """Few-shot ICL: beta's parsed answers on `split`, scored with the task metrics (no AUC-PR: text only).
 
+  Args:
+    beta: the backend (or its identity) whose answers are scored, with the I_beta files it was prompted with;
+      None: the store's records, which must then come from one beta and I_beta per language.
   Unparseable answers and examples without a stored rationale count as wrong; both counts are reported.
   """
   from fiat_jax import metrics  # pylint: disable=g-import-not-at-top
   from fiat_jax import readers  # pylint: disable=g-import-not-at-top
   examples = readers.read_split(task, data_dir, split, languages)
-  stored = store.latest_by_example(store_dir, split)
-  missing = [ex["id"] for ex in examples if ex["id"] not in stored]
-  answers = [stored[ex["id"]]["answer"] if ex["id"] in stored else None for ex in examples]
+  identity, texts = None, None
+  if beta is not None:
+    identity = beta if isinstance(beta, str) else beta.identity
+    texts = build_i_beta(task, read_examples(task, data_dir, (split,), languages), instruction_file,
+                         exemplars_file)[1]
+  chosen = store.select(store_dir, task, examples, beta=identity, i_beta_texts=texts)
+  missing = [examples[i]["id"] for i in chosen.missing]
+  answers = [r["answer"] if r is not None else None for r in chosen.records]
   langs = [ex["language"] for ex in examples]
   if task == "xor_attriqa":
     labels = [ex["label"] for ex in examples]
@@ -199,8 +209,9 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
   result["icl"] = {"split": split, "store_dir": store_dir, "missing": len(missing),
                    "unparsed": sum(p is None for p in parsed) - len(missing)}
   if missing:
-    logging.warning("ICL baseline: %d of %d %s examples have no stored rationale (counted wrong), e.g. %s",
-                    len(missing), len(examples), split, missing[:5])
+    reasons = collections.Counter(chosen.missing.values())
+    logging.warning("ICL baseline: %d of %d %s examples have no stored rationale (counted wrong), e.g. %s; why: %s",
+                    len(missing), len(examples), split, missing[:5], dict(reasons.most_common(5)))
   if output_file:
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(output_file, "w", encoding="utf-8") as f:

@@ -1,15 +1,25 @@
-"""The rationale store: append-only JSON-lines shards (one per process), keyed so a rerun skips what is stored."""
+"""The rationale store: append-only JSON-lines shards (one writer per shard, under an OS lock), keyed so a rerun
+skips what is stored; `select` is how every reader picks the record of an example."""
 import collections
+import fcntl
 import glob
 import hashlib
 import json
 import logging
 import os
 import time
+from typing import NamedTuple, Sequence
+
+from fiat_jax import readers
+from fiat_jax.beta import prompts
 
 SHARD_GLOB = "shard-*.jsonl"
-FIELDS = ("key", "example_id", "task", "split", "language", "i_beta_version", "beta", "sampling", "rationale",
-          "answer", "raw", "samples", "tokens_in", "tokens_out", "latency_s", "backend", "time", "error")
+FIELDS = ("key", "example_id", "task", "split", "language", "input_hash", "i_beta_version", "beta", "sampling",
+          "rationale", "answer", "raw", "samples", "tokens_in", "tokens_out", "latency_s", "backend", "time", "error")
+
+
+class StoreBusy(RuntimeError):
+  """Another process holds a shard's writer lock."""
 
 
 def shard_path(store_dir: str, process_index: int) -> str:
@@ -19,6 +29,11 @@ def shard_path(store_dir: str, process_index: int) -> str:
 def i_beta_version(i_beta_text: str) -> str:
   """sha256 (first 16 hex) of the full I_beta text."""
   return hashlib.sha256(i_beta_text.encode("utf-8")).hexdigest()[:16]
+
+
+def input_hash(task: str, example: dict) -> str:
+  """sha256 (first 16 hex) of the input fields β sees: a reused id with another input does not match."""
+  return prompts.content_hash(example, prompts.task_spec(task))
 
 
 def record_key(example_id: str, content: dict, i_beta_text: str, beta: str, sampling: dict) -> str:
@@ -39,27 +54,35 @@ def make_record(**fields) -> dict:
 
 
 class ShardWriter:
-  """Appends records to this process's shard; one write per record, so a crash can tear only the last line."""
+  """Appends records to this process's shard; one write per record, so a crash can tear only the last line.
+
+  The shard is locked (flock, released by the OS when the writer dies) for as long as the writer is open: a
+  second writer is refused instead of truncating the live writer's line in progress as if it were torn.
+  """
 
   def __init__(self, store_dir: str, process_index: int = 0):
     os.makedirs(store_dir, exist_ok=True)
     self.path = shard_path(store_dir, process_index)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(self._fd)
+      self._fd = None
+      raise StoreBusy(f"{self.path}: another process is writing this shard (it holds the shard's lock); run one "
+                      f"writer per shard (one `fiat rationales` / `fiat infer` per process index at a time)") from None
     self._repair_torn_tail()
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
   def _repair_torn_tail(self):
-    if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+    """Only under the lock: no other writer can be in the middle of this line."""
+    size = os.fstat(self._fd).st_size
+    if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
       return
-    with open(self.path, "rb+") as f:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) == b"\n":
-        return
-      f.seek(0)
-      data = f.read()
-      keep = data.rfind(b"\n") + 1
-      logging.warning("%s: torn last line (%d bytes, a crash mid-write) removed before appending; that example "
-                      "will be asked again", self.path, len(data) - keep)
-      f.truncate(keep)
+    data = os.pread(self._fd, size, 0)
+    keep = data.rfind(b"\n") + 1
+    logging.warning("%s: torn last line (%d bytes, a crash mid-write) removed before appending; that example "
+                    "will be asked again", self.path, len(data) - keep)
+    os.ftruncate(self._fd, keep)
 
   def append(self, record: dict) -> None:
     line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
@@ -71,7 +94,7 @@ class ShardWriter:
   def close(self):
     if self._fd is not None:
       os.fsync(self._fd)
-      os.close(self._fd)
+      os.close(self._fd)  # releases the lock
       self._fd = None
 
   def __enter__(self):
@@ -92,7 +115,8 @@ def read_shard(path: str) -> tuple[list[dict], int]:
       continue
     if i == len(lines) - 1:  # text after the final newline: a write that did not finish
       torn += 1
-      logging.warning("%s:%d: torn last line (%d bytes, a crash mid-write) ignored", path, i + 1, len(line))
+      logging.warning("%s:%d: torn last line (%d bytes: a write in progress, or a crash mid-write) ignored", path,
+                      i + 1, len(line))
       continue
     try:
       record = json.loads(line.decode("utf-8"))
@@ -117,14 +141,99 @@ def done_keys(records: list[dict]) -> set[str]:
   return {r["key"] for r in records if r.get("error") is None}
 
 
-def latest_by_example(store_dir: str, split: str | None = None) -> dict[str, dict]:
-  """The last successful record per example id (optionally of one split)."""
-  latest = {}
-  ordered = sorted(enumerate(read_records(store_dir)), key=lambda ir: (ir[1].get("time") or 0.0, ir[0]))
-  for _, r in ordered:
-    if r.get("error") is None and (split is None or r.get("split") == split):
-      latest[r["example_id"]] = r
-  return latest
+class Selection(NamedTuple):
+  """What `select` found: per example (in the order given) its record or None, and why each None is missing."""
+  records: list
+  missing: dict  # example index -> why no record matched
+
+  def by_id(self, examples: Sequence[dict]) -> dict[str, dict]:
+    """{example id: record, or {'missing': why}} for the examples given to `select`."""
+    return {ex["id"]: r if r is not None else {"missing": self.missing[i]}
+            for i, (ex, r) in enumerate(zip(examples, self.records))}
+
+
+def _source(record: dict) -> tuple:
+  """What wrote a record: β identity, I_β version and sampling."""
+  return (record.get("beta"), record.get("i_beta_version"), json.dumps(record.get("sampling"), sort_keys=True))
+
+
+def _describe(source: tuple, with_sampling: bool) -> str:
+  return f"β {source[0]!r}, I_β version {source[1]}" + (f", sampling {source[2]}" if with_sampling else "")
+
+
+def _mismatch(record: dict, example: dict, content_hash: str, task: str, beta: str | None,
+              versions: dict[str, str], texts: dict[str, str], sampling: str | None) -> str | None:
+  """Why `record` is not the example's rationale under this reader's β, I_β and sampling; None if it is."""
+  lang = example["language"]
+  if record.get("error") is not None:
+    return f"β failed on it ({record['error']})"
+  if beta is not None and record.get("beta") != beta:
+    return f"stored from another β ({record.get('beta')!r}, this run: {beta!r})"
+  if lang in versions and record.get("i_beta_version") != versions[lang]:
+    return f"stored with another I_β (version {record.get('i_beta_version')}, this run's {lang}: {versions[lang]})"
+  if sampling is not None and json.dumps(record.get("sampling"), sort_keys=True) != sampling:
+    return f"stored with other sampling ({json.dumps(record.get('sampling'), sort_keys=True)})"
+  if record.get("language") != lang:
+    return f"stored for language {record.get('language')!r}, not {lang!r}"
+  if record.get("input_hash") is not None:
+    return None if record["input_hash"] == content_hash else "stored for another input under the same id"
+  # A record written before input_hash existed: its key is checkable when this reader knows the I_β text.
+  text = texts.get(lang)
+  if text is None or i_beta_version(text) != record.get("i_beta_version"):
+    return ("stored without input_hash (an older store) and this reader does not know its I_β text, so it cannot "
+            "check that the input is the same: bind the β and I_β files, or ask β again into a new store")
+  spec = prompts.task_spec(task)
+  content = {"split": record.get("split")} | {f: example.get(f) for f in spec.input_fields}
+  if record_key(example["id"], content, text, record.get("beta"), record.get("sampling")) != record.get("key"):
+    return "stored for another input under the same id"
+  return None
+
+
+def select(store_dir: str, task: str, examples: Sequence[dict], *, beta: str | None = None,
+           i_beta_texts: dict[str, str] | None = None, sampling: dict | None = None,
+           where: str | None = None) -> Selection:
+  """The record of each example: same id, language and input (input_hash), from the given β identity, I_β text of
+  the example's language and sampling (each None: whatever the store holds).
+
+  What is not pinned must be one source per language among the examples: a language whose matching records
+  come from two β / I_β versions / samplings is an error naming them, never a silent mixture. Among records of
+  one source for one example (the same input asked again), the latest wins.
+  """
+  where = where or store_dir
+  texts = dict(i_beta_texts or {})
+  versions = {lang: i_beta_version(t) for lang, t in texts.items()}
+  pinned_sampling = None if sampling is None else json.dumps(sampling, sort_keys=True)
+  by_id = collections.defaultdict(list)
+  for order, r in enumerate(read_records(store_dir) if os.path.isdir(store_dir) else []):
+    by_id[str(r.get("example_id"))].append((r.get("time") or 0.0, order, r))
+  found, missing = [], {}
+  sources = collections.defaultdict(collections.Counter)  # language -> source -> examples
+  for i, ex in enumerate(examples):
+    content_hash = input_hash(task, ex)
+    best, why = {}, []
+    for when, order, r in by_id.get(str(ex["id"]), ()):
+      reason = _mismatch(r, ex, content_hash, task, beta, versions, texts, pinned_sampling)
+      if reason is not None:
+        why.append(reason)
+        continue
+      src = _source(r)
+      if src not in best or (when, order) > best[src][:2]:
+        best[src] = (when, order, r)
+    for src in best:
+      sources[ex["language"]][src] += 1
+    found.append({src: r for src, (_, _, r) in best.items()})
+    if not best:
+      missing[i] = "; ".join(dict.fromkeys(why)) if why else "not in the store"
+  mixed = {lang: c for lang, c in sources.items() if len(c) > 1}
+  if mixed:
+    lines = [f"{lang}: " + "; ".join(f"{_describe(src, len({s[2] for s in c}) > 1)} ({n} examples)"
+                                     for src, n in c.most_common())
+             for lang, c in sorted(mixed.items())]
+    raise readers.DataError(
+        f"{where}: the stored rationales of one language must come from one β, I_β and sampling, and these "
+        f"languages have several: " + " | ".join(lines) + ". Bind the run's β (Beta.backend) and I_β files so "
+        "the reader can choose, or keep one run's records in this store")
+  return Selection([next(iter(f.values()), None) for f in found], missing)
 
 
 def status_counts(records: list[dict], expected: list[tuple[str, str, str]]) -> dict[tuple[str, str], dict]:
