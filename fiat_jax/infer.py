@@ -2,7 +2,6 @@
 asked of the backend and stored), then the answer of the tuned τ (θ'_τ = θ_τ ⊕ θ_PEFT, merged) and its score."""
 import json
 import os
-import sys
 from typing import Optional
 
 import gin
@@ -53,10 +52,10 @@ def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRE
         rationales[i], sources[i] = r[recipe.rationale_field], 'store'
     todo = [i for i, r in enumerate(rationales) if r is None]
     if todo:
-      asked = ask_beta(exp, beta, [inputs[i] for i in todo], split)
+      asked = ask_beta(exp, beta, [inputs[i] for i in todo], split, recipe.rationale_field)
       for i, r in zip(todo, asked):
         rationales[i], sources[i] = r, 'beta'
-  cfg, variables, vocab = run.load_tau(exp, recipe)
+  exp, cfg, variables, vocab = run.load_tau(exp, recipe)
   merged, merged_cfg = run.merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
   model = model_lib.Transformer(merged_cfg)
   examples = [run.tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
@@ -85,8 +84,10 @@ def i_beta_of(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: 
                                beta.exemplars_file)
 
 
-def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str) -> list[str]:
-  """β's rationales for new inputs, appended to the store (so no input is ever asked twice)."""
+def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str,
+             field: str = 'rationale') -> list[str]:
+  """β's rationales (record[field], as the run was trained on) for new inputs, appended to the store (so no
+  input is ever asked twice)."""
   if beta.backend is None:
     raise ValueError(f'{len(examples)} inputs have no stored rationale and Beta.backend is not set: bind it '
                      f'(e.g. --gin.Beta.backend=@HttpBeta())')
@@ -101,7 +102,7 @@ def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: s
       writer.append(record)
       if record['error'] is not None:
         raise RuntimeError(f'β failed on input {items[i].example["id"]}: {record["error"]}')
-      out[i] = record['rationale']
+      out[i] = record[field]
   return out
 
 
@@ -110,7 +111,3 @@ def main(argv: list[str]) -> int:
   cli.parse_gin(argv, 'fiat infer')
   print(json.dumps(cli.name_missing_macros(lambda: infer(run.Experiment(), run.Recipe()))))
   return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))

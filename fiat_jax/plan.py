@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 import typing
 
@@ -370,7 +369,3 @@ def main(argv: list[str]) -> int:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
   return 0 if result["train"]["fits"] and result["decode"]["fits"] else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

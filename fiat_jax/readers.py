@@ -219,6 +219,11 @@ def split_files(dataset: str, data_dir: str, split: str,
       if missing:
         logging.warning('xtreme_up_xqa %s: no file for %s in %s', split, ', '.join(missing), folder)
       languages = [lang for lang in XTREME_UP_LANGUAGES if lang in present]
+    absent = [lang for lang in languages if not _gfile().exists(os.path.join(folder, f'{lang}.jsonl'))]
+    if absent:
+      present = sorted(os.path.basename(p)[:-len('.jsonl')] for p in _gfile().glob(os.path.join(folder, '*.jsonl')))
+      raise DataError(f'{folder}: no file for the requested languages {absent} (the run\'s Experiment.languages); '
+                      f'this split has {present}')
     return [(os.path.join(folder, f'{lang}.jsonl'), lang) for lang in languages]
   raise ValueError(f'unknown dataset {dataset!r}; expected one of {DATASETS}')
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -23,21 +22,24 @@ import jax
 import numpy as np
 import seqio
 
-from fiat_jax import config_check
 from fiat_jax import cli
+from fiat_jax import config_check
 from fiat_jax import data
 from fiat_jax import decoding
+from fiat_jax import distributed
 from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
 from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
 from fiat_jax import readers
 from fiat_jax import train
+from fiat_jax import vocab as vocab_lib
 from fiat_jax.beta import run as beta_run
 from fiat_jax.beta import store
 import tasks
 
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
+TAU_CONFIG_FILE = 'tau.json'  # the adapter config, base and selected step of TRAINABLE_FILE
 METRICS_FILE = 'metrics.json'
 
 
@@ -45,9 +47,9 @@ METRICS_FILE = 'metrics.json'
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class Recipe:
   """FIAT's ingredients (FIDELITY.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
-@config_check.typed
   method: str = 'tau'  # tau: train τ | icl: β's few-shot CoT answers, nothing trained
   rationale: str = 'input'  # input: [I_τ; x; ŷ_β] | none | distilled: a second training target (Hsieh et al.)
   instruction: bool = True  # instruction-augmented tuning (I_τ)
@@ -76,9 +78,9 @@ class Recipe:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class Experiment:
   """One row of a table: the data set, the run's name and where things live."""
-@config_check.typed
   dataset: Optional[str] = None  # xor_attriqa | xtreme_up_xqa
   mixture: Optional[str] = None  # task prefix: xor_attriqa, xtreme_up_xqa_indic, xtreme_up_xqa_full
   setting: Optional[str] = None  # report column: xor_attriqa | xtreme_up_indic | xtreme_up_full | miniature
@@ -96,7 +98,7 @@ class Experiment:
   test_split: str = 'test'
   max_eval_examples: Optional[int] = None  # per language, for the evaluations during training
   eval_batch_size: int = 16
-  bos_id: int = 0  # the first decoder input token (seqio.DecoderFeatureConverter's bos_id)
+  bos_id: Optional[int] = None  # the first decoder input token; None: the τ checkpoint's bos_token_id
   bootstrap: int = 1000
   seed: int = 0
 
@@ -134,33 +136,52 @@ def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
 
 @gin.configurable
 def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
-              vocabulary: Optional[seqio.Vocabulary] = None, tiny: bool = False, dtype: Optional[str] = None,
-              seed: int = 0):
+              vocabulary: Optional[seqio.Vocabulary] = None, expected: Optional[model_lib.Config] = None,
+              tiny: bool = False, dtype: Optional[str] = None, seed: int = 0):
   """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
 
   Args:
     instruction_tuned / base: checkpoint directories of the instruction-tuned and the plain τ.
     use_base: take `base` (the recipe's instruction_tuned_base=False).
+    vocabulary: default: the checkpoint's own tokenizer (tokenizer.json, else tokenizer.model).
+    expected: the architecture the run was configured for (a models/*.gin file's TAU_CONFIG); the checkpoint
+      must match it.
   """
-  vocabulary = vocabulary or byte_vocabulary()
   if tiny:
+    vocabulary = vocabulary or byte_vocabulary()
     cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size)
     key = jax.random.PRNGKey(seed + (1 if use_base else 0))
     return cfg, nn.meta.unbox(model_lib.init_params(cfg, key)), vocabulary, f'tiny-random-{int(use_base)}'
   path = base if use_base else instruction_tuned
   if not path:
-    which = 'base' if use_base else 'instruction_tuned'
-    raise ValueError(f'tau_model.{which} is not set: bind the τ checkpoint macro of the run file '
-                     f'(e.g. --gin.TAU_XS_{"BASE" if use_base else "IT"}=...)')
-  cfg, params = hf.load(path, dtype=dtype)
+    which, macro = ('base', 'BASE') if use_base else ('instruction_tuned', 'IT')
+    raise ValueError(f'tau_model.{which} is not set: bind the run\'s τ checkpoint (--gin.TAU_XS_{macro}=... or '
+                     f'--gin.TAU_S_{macro}=..., or a gin_configs/models/ file with --gin.TAU_CHECKPOINT=...)')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'tau_model: checkpoint directory {path} not found')
+  vocabulary = vocabulary or vocab_lib.vocabulary(path)
+  cfg, params = hf.load(path, dtype=dtype, expected=expected)
   if cfg.vocab_size < vocabulary.vocab_size:
     raise ValueError(f'{path}: the model has {cfg.vocab_size} embeddings but the vocabulary has '
                      f'{vocabulary.vocab_size} ids: bind tau_model.vocabulary to the checkpoint\'s tokenizer')
   return cfg, params, vocabulary, path
 
 
+def resolve_bos(exp: 'Experiment', tau_path: str) -> 'Experiment':
+  """Experiment.bos_id None: the τ checkpoint's own BOS (config.json bos_token_id; 0 for a tiny random τ)."""
+  if exp.bos_id is not None:
+    return exp
+  bos = 0
+  if os.path.isfile(os.path.join(tau_path, 'config.json')):
+    bos = hf.read_json(os.path.join(tau_path, 'config.json')).get('bos_token_id')
+    if not isinstance(bos, int):
+      raise ValueError(f'{tau_path}/config.json has no integer bos_token_id ({bos!r}): bind --gin.Experiment.bos_id')
+  return dataclasses.replace(exp, bos_id=bos)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class Beta:
   """β and I_β: the backend (None: use what the store holds) and the prompt files (None: tasks/prompts/)."""
   backend: object = None
@@ -181,7 +202,6 @@ def decode(model, variables, vocab, examples: list[dict], dataset: str, *, max_d
   if dataset == 'xor_attriqa':
     label = lambda word: list(vocab.encode(word)) + [vocab.eos_id]
     yes = decoding.score(model, variables, prompts, [label('yes')] * len(prompts), vocab.pad_id, batch_size)
-@config_check.typed
     no = decoding.score(model, variables, prompts, [label('no')] * len(prompts), vocab.pad_id, batch_size)
     scores = [float(y - n) for y, n in zip(yes, no)]
   else:
@@ -220,8 +240,10 @@ def flat(result: dict) -> dict:
 
 
 def headline(out: dict) -> dict:
-  test = out.get('test')
-  return {'run': out.get('experiment', {}).get('name'), **(flat(test) if test else {}), 'best': out.get('best')}
+  test, exp = out.get('test'), out.get('experiment', {})
+  run_dir = os.path.join(exp['runs_root'], exp['setting'], exp['name']) if exp.get('runs_root') else None
+  return {'run': exp.get('name'), 'run_dir': run_dir, **(flat(test) if test else {}), 'best': out.get('best'),
+          'selected_step': out.get('selected_step')}
 
 
 def finite(tree):
@@ -277,10 +299,14 @@ def generate_rationales(exp: Experiment, beta: Beta, splits: Sequence[str]) -> O
   result = beta_run.rationales(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
                                beta=beta.backend, splits=tuple(splits), languages=exp.languages,
                                instruction_file=beta.instruction_file, exemplars_file=beta.exemplars_file,
-                               progress=False)
+                               progress=jax.process_index() == 0)
+  if result['stopped']:
+    raise RuntimeError(f'rationales stopped: {result["stopped"]} ({result["done"]} stored in {exp.store_dir}, '
+                       f'{result["failed"]} failed, {result["pending"]} not asked); fix that, then rerun')
   if result['failed'] or result['pending']:
     raise RuntimeError(f'rationales: {result["failed"]} failed and {result["pending"]} pending examples in '
                        f'{exp.store_dir}; rerun to retry them (stored ones are not asked again)')
+  distributed.barrier('rationales')  # every process's shard is complete before anyone reads the store
   return result
 
 
@@ -337,12 +363,14 @@ def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=Non
     logging.info('ICL: nothing to train; β answers the %s split alone', exp.test_split)
     generate_rationales(exp, beta, (exp.test_split,))
     result = beta_run.icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
-                                   split=exp.test_split, languages=exp.languages)
+                                   split=exp.test_split, languages=exp.languages, beta=beta.backend,
+                                   instruction_file=beta.instruction_file, exemplars_file=beta.exemplars_file)
     return write_metrics(run_dir, exp, recipe, {'test': result})
 
   if recipe.rationale != 'none':  # Algorithm 1: generate expansions, explanations, reasoning.
     generate_rationales(exp, beta, readers.SPLITS)
   cfg, params, vocab, path = tau_model(use_base=not recipe.instruction_tuned_base)
+  exp = resolve_bos(exp, path)
   task = format_with_i_tau(exp, recipe, vocab)
   tcfg = tcfg or train.TrainConfig()
   tcfg = dataclasses.replace(tcfg, mode='peft' if recipe.peft else 'full', seed=exp.seed)
@@ -369,10 +397,13 @@ def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=Non
   if res.preempted:
     logging.warning('preempted at step %d: rerun the same command to resume', res.step)
     return {'preempted': True, 'step': res.step}
-  save_trainable(run_dir, jax.device_get(res.trainable))
+  save_trainable(run_dir, jax.device_get(res.trainable))  # the checkpoint selected on validation
+  write_tau_config(run_dir, model_cfg, path, recipe, res, exp.bos_id)
+  logging.info('run directory %s: the selected τ (step %d) is %s', run_dir, res.selected_step, TRAINABLE_FILE)
   write_predictions(os.path.join(run_dir, f'predictions_{exp.test_split}.jsonl'), test, final)
   return write_metrics(run_dir, exp, recipe, {
-      'test': final['result'], 'best': res.best, 'steps': res.step, 'task': task,
+      'test': final['result'], 'best': res.best, 'steps': res.step, 'selected_step': res.selected_step,
+      'task': task,
       'truncation': dict(data.truncation_stats(task, exp.test_split), train_rationale_targets=(
           data.rationale_target_truncation(task, 'train', exp.targets_length))), 'unparsed': final['unparsed']})
 
@@ -394,7 +425,8 @@ def write_provenance(run_dir: str) -> None:
     f.write(gin.config_str())
   with open(os.path.join(run_dir, 'version.json'), 'w', encoding='utf-8') as f:
     json.dump({'fiat_jax': package_version(), 'jax': jax.__version__, 'flax': flax.__version__,
-               'python': platform.python_version(), 'time': time.time()}, f, indent=1)
+               'python': platform.python_version(), 'time': time.time(), 'processes': jax.process_count(),
+               'devices': jax.device_count()}, f, indent=1)
 
 
 def write_metrics(run_dir: str, exp: Experiment, recipe: Recipe, results: dict) -> dict:
@@ -413,21 +445,47 @@ def save_trainable(run_dir: str, trainable: dict) -> None:
       f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, trainable)))
 
 
+def write_tau_config(run_dir: str, model_cfg: model_lib.Config, base_path: str, recipe: Recipe, res, bos_id: int):
+  """What `fiat evaluate` / `fiat infer` rebuild τ from: the adapter (rank, alpha, variant, targets), the base,
+  the selected step; read back by load_tau, so a later gin change cannot silently alter the trained model."""
+  if jax.process_index() != 0:
+    return
+  lora = dataclasses.asdict(model_cfg.lora) if model_cfg.lora is not None else None
+  with open(os.path.join(run_dir, TAU_CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump({'mode': 'peft' if lora else 'full', 'lora': lora, 'base_path': base_path,
+               'instruction_tuned_base': recipe.instruction_tuned_base, 'bos_id': bos_id,
+               'selected_step': res.selected_step, 'best': res.best, 'steps': res.step}, f, indent=1)
+
+
 def load_tau(exp: Experiment, recipe: Recipe):
-  """θ_τ plus the run's trained variables: (model_cfg, variables, vocab)."""
+  """θ_τ plus the run's selected trained variables: (exp with τ's BOS, model_cfg, variables, vocab)."""
   path = os.path.join(exp.run_dir, TRAINABLE_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no trained τ in this run directory; run `fiat train` with the same '
-                            f'gin files first')
-  cfg, params, vocab, _ = tau_model(use_base=not recipe.instruction_tuned_base)
+  config_path = os.path.join(exp.run_dir, TAU_CONFIG_FILE)
+  for needed in (path, config_path):
+    if not os.path.exists(needed):
+      raise FileNotFoundError(f'{needed}: no trained τ in this run directory; run `fiat train` with the same '
+                              f'gin files first')
+  with open(config_path, encoding='utf-8') as f:
+    saved = json.load(f)
+  if saved['instruction_tuned_base'] != recipe.instruction_tuned_base:
+    raise ValueError(f'{config_path}: the run trained instruction_tuned_base={saved["instruction_tuned_base"]}, '
+                     f'but the gin files say Recipe.instruction_tuned_base={recipe.instruction_tuned_base}')
+  cfg, params, vocab, base_path = tau_model(use_base=not saved['instruction_tuned_base'])
+  if os.path.abspath(base_path) != os.path.abspath(saved['base_path']) and not base_path.startswith('tiny-'):
+    logging.warning('%s: trained on the base %s, now loading %s', config_path, saved['base_path'], base_path)
+  if exp.bos_id is None:
+    exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
   with open(path, 'rb') as f:
     trained = flax.serialization.msgpack_restore(f.read())
-  if recipe.peft:
-    cfg = dataclasses.replace(cfg, lora=peft_config())
+  if saved['lora'] is not None:
+    lora = {k: tuple(v) if isinstance(v, list) else v for k, v in saved['lora'].items()}
+    cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(**lora))
     variables = {'params': params, **trained}
   else:
     variables = trained
-  return cfg, variables, vocab
+  logging.info('τ of %s: the checkpoint of step %s (%s)', exp.run_dir, saved['selected_step'],
+               'LoRA ' + json.dumps(saved['lora']) if saved['lora'] else 'fully fine-tuned')
+  return exp, cfg, variables, vocab
 
 
 # ---- `fiat evaluate`: a trained run on a split; the rationale-reliance analysis --------------------------------
@@ -441,7 +499,7 @@ def evaluate_run(exp: Experiment, recipe: Recipe, split: str = 'test', rationale
                                  languages=exp.languages)
   if rationales != 'stored' and recipe.rationale != 'input':
     raise ValueError(f'evaluate_run.rationales={rationales!r} needs a recipe with rationales as inputs')
-  cfg, variables, vocab = load_tau(exp, recipe)
+  exp, cfg, variables, vocab = load_tau(exp, recipe)
   model = model_lib.Transformer(cfg)
   if rationales == 'stored':
     examples = data.eval_examples(format_with_i_tau(exp, recipe, vocab), split)
@@ -480,7 +538,7 @@ def train_main(argv: list[str]) -> int:
   """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE]`: Algorithm 1, metrics in the run dir."""
   cli.parse_gin(argv, 'fiat train')
   out = cli.name_missing_macros(lambda: build(Experiment(), Recipe()))
-  print(json.dumps(headline(out), indent=1))
+  print(json.dumps(finite(headline(out)), indent=1, allow_nan=False))
   return 0 if not out.get('preempted') else 3
 
 
@@ -494,9 +552,5 @@ def evaluate_main(argv: list[str]) -> int:
                                                                      else 'stored',)
   for variant in variants:
     result = cli.name_missing_macros(lambda v=variant: evaluate_run(exp, recipe, rationales=v))
-    print(json.dumps(finite({'rationales': variant, **flat(result.get('result', result))})))
+    print(json.dumps(finite({'rationales': variant, **flat(result.get('result', result))}), allow_nan=False))
   return 0
-
-
-if __name__ == '__main__':
-  sys.exit(train_main(sys.argv[1:]))

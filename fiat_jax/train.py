@@ -82,8 +82,9 @@ class TrainResult(typing.NamedTuple):
   preempted: bool  # stopped by SIGTERM after saving
   best: dict | None  # {'metric', 'step', 'value'} of the selected checkpoint
   test_metrics: dict | None  # what final_eval returned for the selected checkpoint
-  trainable: Any  # the final trainable tree
+  trainable: Any  # the selected checkpoint's trainable tree (the last one's when preempted)
   frozen: Any
+  selected_step: int  # the step `trainable` comes from
 
 
 # ---- The loss and the pure steps ------------------------------------------------------------------------------
@@ -404,20 +405,23 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
         save(step, state, value)
       if sigterm.received:
         log.text(f"SIGTERM: saved {mgr.directory}/{step}; stopping (restart in the same run directory to resume)")
-        return TrainResult(step, True, best, None, state["trainable"], frozen)
+        return TrainResult(step, True, best, None, state["trainable"], frozen, step)
     if mgr.latest_step() != step:  # resumed after the end, or a save was skipped
       save(step, state)
+    # The selected checkpoint (best on validation, else the last) is what is tested, returned and saved.
+    chosen, chosen_state = (best["step"] if best is not None else step), state
+    if chosen != step:
+      chosen_state, _ = checkpoint.restore(mgr, chosen, checkpoint.abstract(state, state_sh))
+    log.text(f"selected checkpoint: step {chosen}" + (f" ({best['metric']} {best['value']:.4f})" if best else
+                                                       " (the last; no evaluation ranked checkpoints)"))
     test_metrics = None
     if final_eval is not None:
-      chosen, chosen_state = (best["step"] if best is not None else step), state
-      if chosen != step:
-        chosen_state, _ = checkpoint.restore(mgr, chosen, checkpoint.abstract(state, state_sh))
       variables = {**frozen, **chosen_state["trainable"]}
       test_metrics = {k: float(v) for k, v in final_eval(chosen, variables).items()}
       log.scalars(chosen, {f"test/{k}": v for k, v in test_metrics.items()})
       log.text(f"test (checkpoint of step {chosen}): " +
                ", ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items())))
-    return TrainResult(step, False, best, test_metrics, state["trainable"], frozen)
+    return TrainResult(step, False, best, test_metrics, chosen_state["trainable"], frozen, chosen)
   finally:
     sigterm.restore()
     log.close()

@@ -147,6 +147,23 @@ def test_token_budget_refuses_a_request_that_could_pass_it(tmp_path, tiny_beta, 
   assert not os.path.exists(tmp_path / "log.jsonl")  # refused before anything was sent
 
 
+def test_an_unset_key_variable_sends_no_key(tmp_path, tiny_beta, monkeypatch):
+  """A keyless server (`fiat serve` without --api_key_env) answers; a keyed one refuses once, saying why."""
+  monkeypatch.delenv(KEY_ENV, raising=False)
+  open_srv = serve.start(tiny_beta, request_log=str(tmp_path / "open.jsonl"))
+  keyed_srv = serve.start(tiny_beta, request_log=str(tmp_path / "keyed.jsonl"), api_key=SECRET)
+  try:
+    answer = backends.HttpBeta(base_url=open_srv.url, model=tiny_beta.identity, api_key_env=KEY_ENV).call(
+        [{"role": "user", "content": "hi"}], SAMPLING, 0)
+    keyed = backends.HttpBeta(base_url=keyed_srv.url, model=tiny_beta.identity, api_key_env=KEY_ENV)
+    with pytest.raises(backends.FatalBetaError, match=f"HTTP 401.*no API key was sent: set {KEY_ENV}"):
+      keyed.call([{"role": "user", "content": "hi"}], SAMPLING, 0)
+  finally:
+    open_srv.shutdown()
+    keyed_srv.shutdown()
+  assert answer.error is None and answer.texts
+
+
 def test_api_key_never_leaks(tmp_path, tiny_beta, task_dirs, monkeypatch, caplog, capsys):
   caplog.set_level(logging.DEBUG)
   for name in ("openai", "httpx2", "httpcore", "fiat_jax"):
@@ -212,11 +229,11 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_beta, task_dirs, capsys, monk
                   max_len=2048)
   log, store_dir = str(tmp_path / "requests.jsonl"), str(tmp_path / "store")
   srv = serve.start(slow, request_log=log, max_batch=2, api_key=SECRET)
-  argv = [sys.executable, "-m", "fiat_jax.beta.run", f"--gin.rationales.task='{task_dirs['task']}'",
-          f"--gin.rationales.data_dir='{task_dirs['data_dir']}'", f"--gin.rationales.store_dir='{store_dir}'",
-          f"--gin.rationales.instruction_file='{task_dirs['instruction_file']}'",
-          f"--gin.rationales.exemplars_file='{task_dirs['exemplars_file']}'",
-          "--gin.rationales.beta=@HttpBeta()", f"--gin.HttpBeta.base_url='{srv.url}'",
+  argv = [sys.executable, "-m", "fiat_jax.main", "rationales", f"--gin.Experiment.dataset='{task_dirs['task']}'",
+          f"--gin.Experiment.data_dir='{task_dirs['data_dir']}'", f"--gin.Experiment.store_dir='{store_dir}'",
+          f"--gin.Beta.instruction_file='{task_dirs['instruction_file']}'",
+          f"--gin.Beta.exemplars_file='{task_dirs['exemplars_file']}'",
+          "--gin.Beta.backend=@HttpBeta()", f"--gin.HttpBeta.base_url='{srv.url}'",
           f"--gin.HttpBeta.model='{tiny_beta.identity}'", f"--gin.HttpBeta.api_key_env='{KEY_ENV}'",
           "--gin.HttpBeta.concurrency=2", "--gin.rationales.sampling=@beta_sampling()",
           "--gin.beta_sampling.max_new_tokens=8", "--gin.rationales.progress=False"]
@@ -235,7 +252,7 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_beta, task_dirs, capsys, monk
     stored_at_kill = len(store.read_records(store_dir))
     assert 4 <= stored_at_kill < 18
     try:
-      assert run.main(argv[3:] + ["--status"]) == 0
+      assert run.main(argv[4:] + ["--status"]) == 0
     finally:
       gin.clear_config()
     assert capsys.readouterr().out.splitlines()[-1].split() == ["all", "all", str(stored_at_kill), "0",

@@ -219,11 +219,26 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
   return result
 
 
+def _run_files():
+  """The Experiment and Beta of the parsed gin files (the runs/ files' data set, data, store and β)."""
+  from fiat_jax import run  # pylint: disable=g-import-not-at-top  (run imports this module)
+  exp, beta = run.Experiment(), run.Beta()
+  exp.require("dataset", "data_dir", "store_dir")
+  return exp, beta
+
+
 def main(argv: list[str]) -> int:
-  """`fiat rationales --gin_file=... [--gin.NAME=VALUE] [--status]`; exit 0 when nothing is left to ask."""
+  """`fiat rationales --gin_file=<a runs/ file> [--gin_file=beta/...] [--status]`: beta on every example of the
+  run's data set and languages; exit 0 when nothing is left to ask."""
   args = cli.parse_gin(argv, "fiat rationales", lambda ap: ap.add_argument(
       "--status", action="store_true", help="print done / failed / pending per split and language, ask nothing"))
-  result = rationales(status_only=args.status)
+  exp, beta = _run_files()
+  if beta.backend is None and not args.status:
+    raise SystemExit("fiat rationales: Beta.backend is not set: add --gin_file=beta/http.gin (an OpenAI-compatible "
+                     "server) or a models/ β file with --gin_file=beta/local.gin")
+  result = rationales(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir, beta=beta.backend,
+                      languages=exp.languages, instruction_file=beta.instruction_file,
+                      exemplars_file=beta.exemplars_file, status_only=args.status)
   if args.status:
     return 0
   print(json.dumps(result))
@@ -231,11 +246,11 @@ def main(argv: list[str]) -> int:
 
 
 def icl_main(argv: list[str]) -> int:
-  """`fiat icl --gin_file=... [--gin.NAME=VALUE]`: prints (and writes) the ICL baseline's scores."""
+  """`fiat icl --gin_file=<a runs/ file> [--gin.NAME=VALUE]`: prints (and writes) the ICL baseline's scores."""
   cli.parse_gin(argv, "fiat icl")
-  print(json.dumps(icl_baseline(), indent=1))
+  exp, beta = _run_files()
+  print(json.dumps(icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
+                                split=exp.test_split, languages=exp.languages, beta=beta.backend,
+                                instruction_file=beta.instruction_file, exemplars_file=beta.exemplars_file),
+                   indent=1))
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
