@@ -1,6 +1,7 @@
 """The paper's workflow as a user runs it, through the installed `fiat` command: β served over HTTP from a local
 checkpoint, rationales stored once, τ rows trained from transformers checkpoints bound through models/*.gin files,
 then report, infer, evaluate and ICL on the same runs."""
+import csv
 import json
 import os
 
@@ -98,6 +99,10 @@ def test_icl_and_report(trained, paths, beta_url):
   table = open(os.path.join(report, 'report.md'), encoding='utf-8').read()
   for row in ('FIAT', 'Fine-tune', 'w/o CoT'):
     assert row in table
+  with open(os.path.join(report, 'table2.csv'), encoding='utf-8') as f:
+    fiat_row = next(line for line in csv.reader(f) if line[2] == 'FIAT')
+  metrics = json.load(open(os.path.join(trained['xs_fiat'], 'metrics.json')))
+  assert fiat_row[3].startswith(f"{metrics['test']['headline']['value']:.1f} [")  # the run's test F1
 
 
 def test_plan_a_16_chip_mesh(paths):
