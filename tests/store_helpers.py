@@ -1,4 +1,5 @@
 """Rationale stores written as users write them: `fiat rationales` (beta.run.rationales) with a β backend."""
+import hashlib
 import json
 import os
 
@@ -10,9 +11,13 @@ from fiat_jax.beta import prompts
 from fiat_jax.beta import run as beta_run
 
 
-def rationale_for(example: dict) -> str:
+def _rationale(shown: str) -> str:
+  return f"Rationale {hashlib.sha256(shown.encode('utf-8')).hexdigest()[:8]}."  # short and ASCII: fits tiny τ
+
+
+def rationale_for(example: dict, task: str) -> str:
   """What ScriptedBeta reasons by default about an example (tests assert it reaches τ's inputs)."""
-  return f"Rationale for {' '.join(example['question'].split())}."
+  return _rationale(prompts.format_input(example, prompts.task_spec(task)))
 
 
 @gin.configurable
@@ -28,9 +33,8 @@ class ScriptedBeta:
     del sampling
     for i, (messages, _) in enumerate(requests):
       self.asked += 1
-      shown = messages[-1]["content"]  # the new input as I_β formats it: "Question: ...\n..."
-      question = shown.split("\n", 1)[0].split(": ", 1)[1]
-      reply = self.replies.get(shown, f"Rationale for {question}.\nAnswer: {self.answer}")
+      shown = messages[-1]["content"]  # the new input as I_β formats it
+      reply = self.replies.get(shown, f"{_rationale(shown)}\nAnswer: {self.answer}")
       if reply is None:
         yield i, backends.Completion([], None, None, 0.0, "scripted: no reply")
       else:

@@ -102,7 +102,10 @@ def _assert_bit_identical(got, want):
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tmp_path, reference):
-  kill_at = random.randint(3, NUM_STEPS - 1)  # after step 3 is printed, checkpoint 2 is complete
+  # The step is drawn from a seed (FIAT_KILL_SEED, default 0) and printed, so that a failure can be rerun as it was.
+  seed = int(os.environ.get("FIAT_KILL_SEED", "0"))
+  kill_at = random.Random(seed).randint(3, NUM_STEPS - 1)  # after step 3 is printed, checkpoint 2 is complete
+  print(f"SIGKILL after step {kill_at} (FIAT_KILL_SEED={seed})")
   proc = _start(tmp_path, tmp_path / "run")
   _wait_for(proc, f"step {kill_at}/{NUM_STEPS}")
   proc.send_signal(signal.SIGKILL)
@@ -110,7 +113,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tmp_path, refere
   assert proc.returncode == -signal.SIGKILL
   code, out = _run(tmp_path, tmp_path / "run")
   assert code == 0, out
-  assert "resumed from" in out, f"killed at step {kill_at}:\n{out}"
+  assert "resumed from" in out, f"killed at step {kill_at} (FIAT_KILL_SEED={seed}):\n{out}"
   _assert_bit_identical(_final(tmp_path / "run"), reference)
 
 

@@ -147,3 +147,26 @@ def test_score_names_the_line_of_bytes_that_are_not_utf8(tmp_path, capsys):
   preds = _write(tmp_path / 'p.jsonl', [b'{"prediction": "yes"}', b'{"prediction": "\xff"}', b'{"prediction": "no"}'])
   assert metrics.main(['--task', 'xor_attriqa', '--gold', XOR_TEST, '--predictions', preds]) == 1
   assert 'p.jsonl:2: not UTF-8 (byte 0xff is byte 17 of the line)' in capsys.readouterr().err
+
+
+# ---- gin bindings ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('binding, message', [
+    ("TrainConfig.num_steps='100'", "TrainConfig.num_steps: '100' (str) is not int"),
+    ('TrainConfig.batch_size=8.0', 'TrainConfig.batch_size: 8.0 (float) is not int'),
+    ('OptimConfig.learning_rate=True', 'OptimConfig.learning_rate: True (bool) is not float'),
+    ("Experiment.languages='bn'", "Experiment.languages: 'bn' (str) is not Optional[Sequence[str]]"),
+    ("Recipe.peft='no'", "Recipe.peft: 'no' (str) is not bool"),
+])
+def test_gin_values_of_the_wrong_type_fail_when_built_naming_class_field_value_and_type(binding, message):
+  import gin  # pylint: disable=g-import-not-at-top
+  from fiat_jax import cli  # pylint: disable=g-import-not-at-top
+  from fiat_jax import run  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  cli.parse_gin([f'--gin.{binding}'], 'test')
+  try:
+    with pytest.raises(TypeError, match=re.escape(message)):
+      run.Experiment(), run.Recipe(), run.train.TrainConfig()
+  finally:
+    gin.clear_config()
+  assert run.train.TrainConfig(num_steps=3, optim=run.optim.OptimConfig(learning_rate=1)).num_steps == 3

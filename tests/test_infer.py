@@ -41,8 +41,9 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta', 'beta']
   assert [r['id'] for r in rows[:2]] == [ex['id'] for ex in known]
-  assert rows[0]['rationale'] == store_helpers.rationale_for(known[0])
-  assert rows[3]['id'] == known[0]['id'] and rows[3]['rationale'] == 'Rationale for एक और प्रश्न?.'
+  assert rows[0]['rationale'] == store_helpers.rationale_for(known[0], 'xtreme_up_xqa')
+  assert rows[3]['id'] == known[0]['id']
+  assert rows[3]['rationale'] == store_helpers.rationale_for(lines[3], 'xtreme_up_xqa') != rows[0]['rationale']
   assert all(isinstance(r['prediction'], str) and isinstance(r['score'], float) and r['score'] <= 0 for r in rows)
   records = store.read_records(str(root / 'store'))
   assert len(records) == before + 2 and [r['split'] for r in records[-2:]] == ['infer', 'infer']

@@ -76,12 +76,13 @@ def test_fiat_rationales_joined_by_id(tmp_path):
   rows = data.eval_examples('xor_attriqa_fiat', 'validation')
   assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
   for r in rows:
-    rationale = store_helpers.rationale_for(r['example'])
+    rationale = store_helpers.rationale_for(r['example'], 'xor_attriqa')
     assert f'{data.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
     assert r['inputs'] == VOCAB.encode(r['inputs_pretokenized'])
   assert [r['targets_pretokenized'] for r in rows] == ['yes', 'yes', 'yes', 'yes', 'yes']
   plain = data.eval_examples('xor_attriqa_te_no_instruction', 'test')
-  assert plain[1]['inputs_pretokenized'].endswith(f' rationale: {store_helpers.rationale_for(plain[1]["example"])}')
+  assert plain[1]['inputs_pretokenized'].endswith(
+      f' rationale: {store_helpers.rationale_for(plain[1]["example"], "xor_attriqa")}')
   assert plain[1]['targets_pretokenized'] == 'no'
 
 
@@ -164,7 +165,8 @@ def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
-  assert rows[0]['targets'] == 'Mumbai' and rows[1]['targets'] == store_helpers.rationale_for(rows[1]['example'])
+  assert rows[0]['targets'] == 'Mumbai'
+  assert rows[1]['targets'] == store_helpers.rationale_for(rows[1]['example'], 'xtreme_up_xqa')
   assert data.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
   # Validation needs no rationale (none is stored for it) and has label outputs only.
   val = data.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')
