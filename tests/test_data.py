@@ -166,15 +166,11 @@ def test_rationale_targets_are_cut_and_counted_and_rows_carry_their_task():
 
 
 def test_batches_of_a_distilled_task_follow_the_stream_order(tmp_path):
-  from fiat_jax.beta import store  # pylint: disable=g-import-not-at-top
-  with store.ShardWriter(str(tmp_path / 'store')) as writer:
-    for ex in readers.read_split('xtreme_up_xqa', XQA, 'train'):
-      writer.append(store.make_record(
-          key=f'train-{ex["id"]}', example_id=ex['id'], task='xtreme_up_xqa', split='train',
-          language=ex['language'], input_hash=store.input_hash('xtreme_up_xqa', ex), i_beta_version='v1', beta='b',
-          sampling={}, rationale='R' * 50, answer=ex['target'], raw='', samples=[], tokens_in=1, tokens_out=1,
-          latency_s=0.1, backend='t', error=None))
-  xtreme_up.register(XQA, VOCAB, str(tmp_path / 'store'), recipes=('distilled_cot',), languages=['hi'])
+  import store_helpers  # pylint: disable=g-import-not-at-top
+  replies = store_helpers.replies_by_id('xtreme_up_xqa', XQA, lambda ex: 'R' * 50 + '\nAnswer: ' + ex['target'])
+  store_helpers.write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, store_helpers.ScriptedBeta(replies=replies),
+                            splits=('train',))  # `fiat rationales`, β writing a 50-byte rationale
+  data.use(data.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi']))
   name = 'xtreme_up_xqa_hi_distilled_cot'
   tokenized = data._tokenized(name, 'train')
   assert [ex['kind'] for ex in tokenized] == ['label', 'rationale'] * 3
