@@ -90,13 +90,12 @@ class TrainResult(typing.NamedTuple):
 # ---- The loss and the pure steps ------------------------------------------------------------------------------
 
 def split_variables(mode: str, params, collections: dict | None = None) -> tuple[dict, dict]:
-  """(trainable, frozen): peft trains {'lora'} against frozen {'params', 'lora_init'}; full trains {'params'}."""
+  """(trainable, frozen): peft trains {'lora'} against the frozen params and the variant's frozen tensors
+  ('lora_init': lora.VARIANTS); full trains {'params'}."""
   if mode == "full":
     return {"params": params}, {}
-  frozen = {"params": params}
-  if "lora_init" in collections:
-    frozen["lora_init"] = collections["lora_init"]
-  return {"lora": collections["lora"]}, frozen
+  return ({lora_lib.TRAINABLE: collections[lora_lib.TRAINABLE]},
+          {"params": params, **{k: v for k, v in collections.items() if k != lora_lib.TRAINABLE}})
 
 
 def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
@@ -123,7 +122,8 @@ def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
     head = lambda tree: {c: {"embedder": v["embedder"]} for c, v in tree.items() if "embedder" in v}
     logits_fn = lambda t, f, h: model.apply({**f, **t}, h, method="logits")
     loss_sum, nll_sum = losses.chunked_cross_entropy(logits_fn, h_BLD, head(trainable), head(frozen), targets_BL,
-                                                     weights_BL, C, tcfg.z_loss, tcfg.label_smoothing)
+                                                     weights_BL, C, tcfg.z_loss, tcfg.label_smoothing,
+                                                     kernels=model.cfg.kernels)
   return loss_sum, (jnp.sum(weights_BL), nll_sum)
 
 
@@ -203,9 +203,8 @@ def _shardings(cfg: model_lib.Config, mode: str, mesh, trainable, frozen, opt_sh
     trainable_sh, frozen_sh = {"params": params_sh}, {}
   else:
     lora_sh = sharding.lora_shardings(cfg, mesh)
-    trainable_sh, frozen_sh = {"lora": lora_sh["lora"]}, {"params": params_sh}
-    if "lora_init" in frozen:
-      frozen_sh["lora_init"] = lora_sh["lora_init"]
+    trainable_sh = {k: lora_sh[k] for k in trainable}
+    frozen_sh = {"params": params_sh, **{k: lora_sh[k] for k in frozen if k != "params"}}
   with_shapes = jax.tree_util.tree_map(lambda s, x: (s, tuple(x.shape)), trainable_sh, trainable)
   state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=like_params(opt_shapes, with_shapes, replicated),
                   rng=replicated)
@@ -252,6 +251,51 @@ def _check_batch(local: dict, rows: int, step: int):
                      f"{rows * jax.process_count()} over {jax.process_count()} process(es) needs {rows} per process")
 
 
+def _fresh_state(tcfg: TrainConfig, cfg: model_lib.Config, params, lora_variables, mesh):
+  """The step-0 state, built under jit straight into its shards, the frozen tree, the optimizer and shardings.
+
+  The caller's arrays are copied, never aliased: the step donates (frees) the state it is given.
+  """
+  params = nn.meta.unbox(params)
+  key_lora, key_rng = jax.random.split(jax.random.PRNGKey(tcfg.seed))
+  collections = None
+  if tcfg.mode == "peft":
+    collections = lora_variables or sharding.init_lora_sharded(cfg, params, key_lora, mesh)
+  trainable, frozen = split_variables(tcfg.mode, params, collections)
+  tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable, cfg.lora)
+  state_sh, frozen_sh = _shardings(cfg, tcfg.mode, mesh, trainable, frozen, jax.eval_shape(tx.init, trainable))
+  trainable = jax.device_put(trainable, state_sh["trainable"], may_alias=False)
+  frozen = jax.device_put(frozen, frozen_sh)
+  state = jax.device_put(dict(step=np.zeros((), np.int32), trainable=trainable, opt_state=None, rng=key_rng),
+                         dict(state_sh, opt_state=None))
+  state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["trainable"])
+  return state, frozen, tx, state_sh, frozen_sh
+
+
+def is_better(value: float, best: dict | None, mode: str) -> bool:
+  """Whether a validation value beats the best so far (the first finite value beats a non-finite best)."""
+  if best is None:
+    return True
+  if not math.isfinite(value):
+    return False
+  return not math.isfinite(best["value"]) or (value > best["value"] if mode == "max" else value < best["value"])
+
+
+def _validation_metrics(step, state, frozen, evaluate, eval_batches, eval_fn, mesh) -> dict:
+  """eval/loss over eval_batches (token-weighted) and eval/<name> of the evaluate callback."""
+  metrics = {}
+  if eval_batches is not None:
+    nll, weight = 0.0, 0.0
+    with sharding.activation_rules(mesh):
+      for local in (eval_batches() if callable(eval_batches) else eval_batches):
+        n, w = eval_fn(state["trainable"], frozen, sharding.global_batch(local, mesh))
+        nll, weight = nll + float(n), weight + float(w)
+    metrics["eval/loss"] = nll / max(weight, 1e-9)
+  if evaluate is not None:
+    metrics.update({f"eval/{k}": float(v) for k, v in evaluate(step, {**frozen, **state["trainable"]}).items()})
+  return metrics
+
+
 @gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables"])
 def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Iterable | Callable[[int], Iterable],
           data_fingerprint: str, run_dir: str, *, base_path: str | None = None, lora_variables: dict | None = None,
@@ -281,35 +325,19 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
   for notice in checkpoint.recover_partial(run_dir):
     log.text(notice)
   mgr = checkpoint.manager(run_dir, tcfg.keep, tcfg.best_mode)
-
-  # The fresh state, built under jit straight into its shards. The caller's arrays are copied, never aliased:
-  # the step donates (frees) the state it is given.
-  params = nn.meta.unbox(params)
-  key_lora, key_rng = jax.random.split(jax.random.PRNGKey(tcfg.seed))
-  collections = None
-  if tcfg.mode == "peft":
-    collections = lora_variables or sharding.init_lora_sharded(cfg, params, key_lora, mesh)
-  trainable, frozen = split_variables(tcfg.mode, params, collections)
-  tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable)
-  lr_fn = optim_lib.schedule(tcfg.optim, tcfg.num_steps)
-  state_sh, frozen_sh = _shardings(cfg, tcfg.mode, mesh, trainable, frozen, jax.eval_shape(tx.init, trainable))
-  trainable = jax.device_put(trainable, state_sh["trainable"], may_alias=False)
-  frozen = jax.device_put(frozen, frozen_sh)
-  state = jax.device_put(dict(step=np.zeros((), np.int32), trainable=trainable, opt_state=None, rng=key_rng),
-                         dict(state_sh, opt_state=None))
-  state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["trainable"])
-
+  state, frozen, tx, state_sh, frozen_sh = _fresh_state(tcfg, cfg, params, lora_variables, mesh)
   base = checkpoint.base_reference(model_cfg, base_path)
   identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
                   base_config_fingerprint=base["config_fingerprint"])
-  best = None
 
+  # ---- restore, or start and record the run's configuration
   def vet(meta, where):
     checkpoint.check_resume(meta["identity"], identity, where)
     if meta["base"]["path"] != base["path"]:
       log.text(f"note: the checkpoint's base was {meta['base']['path']!r}, this run loads {base['path']!r} "
                f"(same config fingerprint {base['config_fingerprint']})")
 
+  best = None
   latest, restored, meta, notices = checkpoint.restore_newest(mgr, run_dir, checkpoint.abstract(state, state_sh), vet)
   for notice in notices:
     log.text(notice)
@@ -324,7 +352,9 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
   if jax.process_index() == 0:
     log.text(lora_lib.summary(state["trainable"], frozen))
 
-  step_fn = functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, lr_fn=lr_fn)
+  # ---- the jitted step, checkpoints, and evaluate-and-select
+  step_fn = functools.partial(train_step, model=model, tcfg=tcfg, tx=tx,
+                              lr_fn=optim_lib.schedule(tcfg.optim, tcfg.num_steps))
   eval_fn = jax.jit(functools.partial(eval_step, model=model, tcfg=tcfg))
   compiled = {}
 
@@ -338,42 +368,30 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
       return compiled["fn"](state, frozen, batch)
 
   def save(step, state, best_value=None):
-    meta = dict(step=step, data_position=step, identity=identity, base=base, best=best)
-    checkpoint.save(mgr, step, state, meta, best_value)
+    checkpoint.save(mgr, step, state, dict(step=step, data_position=step, identity=identity, base=base, best=best),
+                    best_value)
 
-  def run_eval(step, state) -> float:
+  def evaluate_and_select(step, state) -> float:
     nonlocal best
-    variables = {**frozen, **state["trainable"]}
-    metrics = {}
-    if eval_batches is not None:
-      nll, weight = 0.0, 0.0
-      with sharding.activation_rules(mesh):
-        for local in (eval_batches() if callable(eval_batches) else eval_batches):
-          n, w = eval_fn(state["trainable"], frozen, sharding.global_batch(local, mesh))
-          nll, weight = nll + float(n), weight + float(w)
-      metrics["eval/loss"] = nll / max(weight, 1e-9)
-    if evaluate is not None:
-      metrics.update({f"eval/{k}": float(v) for k, v in evaluate(step, variables).items()})
+    metrics = _validation_metrics(step, state, frozen, evaluate, eval_batches, eval_fn, mesh)
     if tcfg.best_metric not in metrics:
       raise ValueError(f"TrainConfig.best_metric {tcfg.best_metric!r} is not among the evaluation's metrics "
                        f"{sorted(metrics)}")
     value = metrics[tcfg.best_metric]
-    better = (best is None or (math.isfinite(value) and (
-        not math.isfinite(best["value"]) or (value > best["value"] if tcfg.best_mode == "max"
-                                             else value < best["value"]))))
-    if better:
+    if is_better(value, best, tcfg.best_mode):
       best = dict(metric=tcfg.best_metric, step=step, value=value)
     log.scalars(step, metrics)
     log.text(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) +
              f" (best {best['metric']} {best['value']:.4f} at step {best['step']})")
     return value
 
+  # ---- the loop
   sigterm = _Sigterm()
   step = int(state["step"])
   has_eval = evaluate is not None or eval_batches is not None
   try:
     if latest is None and tcfg.eval_at_start and has_eval:
-      save(0, state, run_eval(0, state))
+      save(0, state, evaluate_and_select(0, state))
     it = _batch_iterator(batches, step)
     rows = tcfg.batch_size // jax.process_count()
     t_prev = time.perf_counter()
@@ -400,7 +418,7 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
       t_prev = now
       value = None
       if has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.num_steps):
-        value = run_eval(step, state)
+        value = evaluate_and_select(step, state)
       if value is not None or step % tcfg.save_every == 0 or step == tcfg.num_steps or sigterm.received:
         save(step, state, value)
       if sigterm.received:
@@ -416,8 +434,7 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
                                                        " (the last; no evaluation ranked checkpoints)"))
     test_metrics = None
     if final_eval is not None:
-      variables = {**frozen, **chosen_state["trainable"]}
-      test_metrics = {k: float(v) for k, v in final_eval(chosen, variables).items()}
+      test_metrics = {k: float(v) for k, v in final_eval(chosen, {**frozen, **chosen_state["trainable"]}).items()}
       log.scalars(chosen, {f"test/{k}": v for k, v in test_metrics.items()})
       log.text(f"test (checkpoint of step {chosen}): " +
                ", ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items())))
