@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiat_jax import model as model_lib
+from fiat_jax import ops
 
 
 class GenerateResult(typing.NamedTuple):
@@ -45,14 +46,14 @@ def sample_logits(logits_BV, key, temperature: float, top_k: int, top_p: float):
   logits_BV = logits_BV / temperature
   if top_k:
     kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth, model_lib.NEG_INF, logits_BV)
+    logits_BV = jnp.where(logits_BV < kth, ops.NEG_INF, logits_BV)
   if top_p < 1.0:
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     cutoff_idx = jnp.sum(cum_BV < top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_BV, cutoff_idx, axis=-1)
-    logits_BV = jnp.where(logits_BV < cutoff, model_lib.NEG_INF, logits_BV)
+    logits_BV = jnp.where(logits_BV < cutoff, ops.NEG_INF, logits_BV)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 

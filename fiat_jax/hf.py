@@ -28,7 +28,7 @@ ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Fields of model.Config that describe the architecture (the rest is how it is run).
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(model_lib.Config)
-                    if f.name not in ("dtype", "param_dtype", "remat", "lora"))
+                    if f.name not in ("dtype", "param_dtype", "remat", "lora", "kernels"))
 
 
 # ---- config.json -> Config -------------------------------------------------------------------------------------

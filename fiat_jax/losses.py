@@ -46,16 +46,27 @@ def _merge(x):
   return jnp.moveaxis(x, 0, 1).reshape(B, n * C, *x.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
 def chunked_cross_entropy(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss,
-                          label_smoothing):
+                          label_smoothing, kernels: str = "fused"):
   """(loss sum, NLL sum) of the logits `logits_fn(head, frozen_head, h_BCD)` taken `chunk` positions at a time.
 
   `head` holds the trainable parameters the projection reads (differentiated), `frozen_head` the frozen ones.
-  Differentiated, the forward pass computes each chunk's logits once and with them, at once, the gradients
-  w.r.t. h and `head` (softmax minus target through the projection's VJP), keeping those [B, L, D] and
+  `kernels` as model.Config.kernels: "reference" is autodiff through the scan over chunks (which keeps every
+  chunk's logits for the backward pass); any other value the fused form below.
+  """
+  if kernels == "reference":
+    return _sums(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss, label_smoothing)
+  return fused_cross_entropy(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss,
+                             label_smoothing)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
+def fused_cross_entropy(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss,
+                        label_smoothing):
+  """chunked_cross_entropy whose forward pass computes each chunk's logits once and with them, at once, the
+  gradients w.r.t. h and `head` (softmax minus target through the projection's VJP), keeping those [B, L, D] and
   head-sized results instead of any logits; the backward pass only scales them by the incoming cotangents.
-  (Autodiff of a chunked loss under jax.checkpoint projects every chunk onto the vocabulary a second time.)
+  (Autodiff, even under jax.checkpoint, projects every chunk onto the vocabulary a second time.)
   """
   return _sums(logits_fn, h_BLD, head, frozen_head, targets_BL, weights_BL, chunk, z_loss, label_smoothing)
 
@@ -109,4 +120,4 @@ def _bwd(logits_fn, chunk, z_loss, label_smoothing, res, g):
   return (dh_total, head_total, jax.tree_util.tree_map(jnp.zeros_like, frozen_head), None, None)
 
 
-chunked_cross_entropy.defvjp(_fwd, _bwd)
+fused_cross_entropy.defvjp(_fwd, _bwd)

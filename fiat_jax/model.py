@@ -6,7 +6,6 @@ Axis legend, used in einsum strings and variable suffixes:
   head (H = K*G), E head dim, F mlp dim, V vocab, R LoRA rank.
 """
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
@@ -14,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from fiat_jax import lora as lora_lib
+from fiat_jax import ops
 
 Array = jax.Array
-NEG_INF = -2.3819763e38  # a finite "minus infinity": fully masked rows stay NaN-free.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +52,10 @@ class Config:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass.
   lora: lora_lib.LoraConfig | None = None
+  kernels: str = "fused"  # reference | fused | xla_attention: see ops.py
+
+  def __post_init__(self):
+    ops.check_kernels(self.kernels, self.attn_logit_softcap)
 
   def layer_kind(self, i: int) -> str:
     return self.attention_pattern[i % len(self.attention_pattern)]
@@ -124,72 +127,6 @@ def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q
   return mask
 
 
-QUERY_BLOCK = 128  # causal attention without a cache runs in query blocks of this many rows
-
-
-def _accumulator(dtype):
-  """Products accumulate in float32, or in float64 for float64 inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _capped_logits(q_BKGLE, k_BKSE, softcap):
-  logits_BKGLS = jnp.einsum("BKGLE,BKSE->BKGLS", q_BKGLE, k_BKSE.astype(q_BKGLE.dtype),
-                            preferred_element_type=_accumulator(q_BKGLE.dtype))
-  return jnp.tanh(logits_BKGLS / softcap) * softcap if softcap else logits_BKGLS
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, mask_BLS, softcap):
-  """softmax(q k^T, masked) v for one set of query rows ([B, K, G, L, E], also the output's shape) against one set
-  of key slots (k and v [B, K, S, E]), under mask_BLS.
-
-  The backward pass keeps no [B, K, G, L, S] tensor: it recomputes the probabilities from q, k and the rows' max and
-  sum (as FlashAttention does), so a layer keeps only q, k, v, its output and [B, K, G, L] floats."""
-  return _attend_fwd(q, k, v, mask_BLS, softcap)[0]
-
-
-def _attend_fwd(q, k, v, mask_BLS, softcap):
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], _capped_logits(q, k, softcap), NEG_INF)
-  max_BKGL1 = jnp.max(logits_BKGLS, axis=-1, keepdims=True)
-  exp_BKGLS = jnp.exp(logits_BKGLS - max_BKGL1)
-  sum_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
-  probs_BKGLS = (exp_BKGLS / sum_BKGL1).astype(v.dtype)
-  out = jnp.einsum("BKGLS,BKSE->BKGLE", probs_BKGLS, v)
-  # The row max and sum rather than their log-sum-exp: a fully masked row's max is NEG_INF, beside which
-  # log(S) vanishes in float32.
-  return out, (q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1)
-
-
-def _attend_bwd(softcap, residuals, g):
-  # The scores are recomputed, transposed ([S, L]), in ONE batched product with dP = g v^T: stacking (k, v) against
-  # (q, g) makes the recomputation depend on the cotangent, so XLA can neither merge it with the forward's product
-  # nor schedule it before the backward pass reaches this layer (either would keep the probabilities alive after
-  # all; XLA's CPU pipeline drops optimization barriers, so a barrier would not do).
-  q, k, v, mask_BLS, out, max_BKGL1, sum_BKGL1 = residuals
-  acc = _accumulator(q.dtype)
-  both_2BKGSL = jnp.einsum("TBKSE,TBKGLE->TBKGSL", jnp.stack([k, v]).astype(q.dtype),
-                           jnp.stack([q, g.astype(q.dtype)]), preferred_element_type=acc)
-  logits_BKGSL, g_probs_BKGSL = both_2BKGSL[0], both_2BKGSL[1]
-  mask_BKGSL = jnp.swapaxes(mask_BLS, 1, 2)[:, None, None]
-  if softcap:
-    logits_BKGSL = jnp.tanh(logits_BKGSL / softcap) * softcap
-  probs_BKGSL = (jnp.exp(jnp.where(mask_BKGSL, logits_BKGSL, NEG_INF) - jnp.swapaxes(max_BKGL1, -1, -2))
-                 / jnp.swapaxes(sum_BKGL1, -1, -2))
-  g_v = jnp.einsum("BKGSL,BKGLE->BKSE", probs_BKGSL.astype(v.dtype), g.astype(v.dtype), preferred_element_type=acc)
-  # softmax's VJP, p (g - sum(p g)), with sum_S p g = sum_E out g_out.
-  row_BKG1L = jnp.einsum("BKGLE,BKGLE->BKGL", g, out, preferred_element_type=acc)[..., None, :]
-  g_logits_BKGSL = jnp.where(mask_BKGSL, probs_BKGSL * (g_probs_BKGSL - row_BKG1L), 0.0)
-  if softcap:
-    g_logits_BKGSL = g_logits_BKGSL * (1.0 - jnp.square(logits_BKGSL / softcap))
-  g_logits_BKGSL = g_logits_BKGSL.astype(q.dtype)
-  g_q = jnp.einsum("BKGSL,BKSE->BKGLE", g_logits_BKGSL, k.astype(q.dtype), preferred_element_type=acc)
-  g_k = jnp.einsum("BKGSL,BKGLE->BKSE", g_logits_BKGSL, q, preferred_element_type=acc)
-  return g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with RoPE, optional q/k norm, soft-capping and a KV cache."""
   cfg: Config
@@ -214,7 +151,7 @@ class Attention(nn.Module):
     q_BLHE = q_BLHE * jnp.asarray((cfg.query_pre_attn_scalar or E) ** -0.5, q_BLHE.dtype)
 
     q_slot_L = jnp.arange(L)
-    k_BKSE, v_BKSE = k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3)  # head-major, see below
+    k_BKSE, v_BKSE = k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3)  # head-major, as the cache is
     if cache is None:
       k_slot_S = q_slot_L
       k_pos, k_seg, k_bidir = positions_BL, segment_BL, bidir_BL
@@ -229,63 +166,10 @@ class Attention(nn.Module):
       new_cache = dict(k=k_BKSE, v=v_BKSE)
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    # Head-major: G and L adjacent, so every product is one [G*L, E] x [E, S] (or its transpose) per batch row and
-    # kv head, with no copy of k or v per query head (the cache is kept in this layout too).
-    q_BKGLE = q_BLHE.reshape(B, L, K, H // K, E).transpose(0, 2, 3, 1, 4)
-    attend = lambda i, j, keys: _attend(q_BKGLE[:, :, :, i:j], k_BKSE[:, :, :keys], v_BKSE[:, :, :keys],
-                                        mask_BLS[:, i:j, :keys], cfg.attn_logit_softcap)
-    Q = QUERY_BLOCK
-    if cache is None and not cfg.prefix_lm and L % Q == 0 and L > Q:
-      # Causal over slots 0..L-1: query block i cannot see keys past its last row, so the blocks above the
-      # diagonal (all masked) are never computed: 10 of 16 at L = 4Q.
-      out_BKGLE = jnp.concatenate([attend(i, i + Q, i + Q) for i in range(0, L, Q)], axis=3)
-    else:
-      out_BKGLE = attend(0, L, k_BKSE.shape[2])
-    out_BLKGE = out_BKGLE.transpose(0, 3, 1, 2, 4)
-    out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLKGE.reshape(B, L, H * E), deterministic)
+    out_BLHE = ops.attention(q_BLHE, k_BKSE, v_BKSE, mask_BLS, cfg.attn_logit_softcap, cfg.kernels,
+                             causal=cache is None and not cfg.prefix_lm)
+    out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLHE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
-
-
-ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-               "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
-_GELU_C = math.sqrt(2 / math.pi)
-
-
-def _activation_and_derivative(activation, x):
-  """(act(x), act'(x)) for the gated unit's backward pass, written so that they share no operation with the
-  forward's act(x): XLA would merge a shared one with the forward's and keep it alive until the backward pass (and
-  its scheduler runs anything that depends only on forward values as early as it can, so a recomputation that
-  equals the forward would be kept all the same)."""
-  if activation == "silu":  # sigmoid through tanh; the forward's goes through the logistic function
-    s = 0.5 + 0.5 * jnp.tanh(0.5 * x)
-    return x * s, s * (1 + x * (1 - s))
-  if activation == "gelu_tanh":  # tanh through the logistic function; the forward's is a tanh
-    u = _GELU_C * (x + 0.044715 * x ** 3)
-    t = 2 * jax.nn.sigmoid(2 * u) - 1
-    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-  act, vjp = jax.vjp(ACTIVATIONS[activation], x)
-  return act, vjp(jnp.ones_like(x))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def gated(gate_BLF, up_BLF, activation):
-  """act(gate) * up, whose backward pass keeps only gate and up and recomputes act and act' from gate in the
-  elementwise pass that forms both gradients (autodiff, or remat of the product, left XLA keeping act(gate) or its
-  sigmoid as well: one more [B, L, F] tensor per layer)."""
-  return ACTIVATIONS[activation](gate_BLF) * up_BLF
-
-
-def _gated_fwd(gate_BLF, up_BLF, activation):
-  return ACTIVATIONS[activation](gate_BLF) * up_BLF, (gate_BLF, up_BLF)
-
-
-def _gated_bwd(activation, residuals, g_BLF):
-  gate_BLF, up_BLF = residuals
-  act_BLF, dact_BLF = _activation_and_derivative(activation, gate_BLF)
-  return g_BLF * up_BLF * dact_BLF, g_BLF * act_BLF
-
-
-gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 class Mlp(nn.Module):
@@ -299,9 +183,10 @@ class Mlp(nn.Module):
                                                  param_dtype=cfg.param_dtype, name=name)
     first = dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic)
     if cfg.gated_mlp:
-      h_BLF = gated(first, dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic), cfg.activation)
+      h_BLF = ops.gated_mlp(first, dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic),
+                            cfg.activation, cfg.kernels)
     else:
-      h_BLF = ACTIVATIONS[cfg.activation](first)
+      h_BLF = ops.ACTIVATIONS[cfg.activation](first)
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
     return dense(cfg.embed_dim, ("mlp", "embed"), "down")(h_BLF, deterministic)
 
