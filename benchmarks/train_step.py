@@ -17,6 +17,7 @@ ratios. The machine must be otherwise idle: with both cores busy elsewhere, PyTo
 far more than XLA's (steps 4x to 5x slower), and the peak itself drops by half.
 
   python benchmarks/train_step.py [--steps 5 --warmup 2 --batch 8 --seq 512] [--loss_chunk 32] [--remat]
+      [--kernels fused]
       [--micro_batches 1] [--variant_micro_batches 8] [--torch_threads 0] [--json out.json]
 
 Smoke run: python benchmarks/train_step.py --steps 1 --warmup 1 --batch 1 --seq 64
@@ -171,7 +172,8 @@ def worker_ours(args, mode: str) -> dict:
       vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], embed_dim=c["hidden_size"],
       num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
       mlp_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"], tie_embeddings=False,
-      remat=args.remat, lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if mode == "peft" else None)
+      remat=args.remat, kernels=args.kernels,
+      lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if mode == "peft" else None)
   num_steps = args.warmup + args.steps
   tcfg = train_lib.TrainConfig(mode=mode, num_steps=num_steps, batch_size=args.batch,
                                loss_chunk=effective_chunk(args.loss_chunk, args.seq),
@@ -235,7 +237,7 @@ def worker_ours(args, mode: str) -> dict:
 
   warm, timed = _timed(step, args.warmup, args.steps)
   return _finish(dict(
-      framework="fiat-jax", mode=mode, loss_chunk=tcfg.loss_chunk, remat=args.remat,
+      framework="fiat-jax", mode=mode, loss_chunk=tcfg.loss_chunk, remat=args.remat, kernels=args.kernels,
       micro_batches=tcfg.micro_batches, params=counts,
       compile_s=compile_s, warmup_s=warm, seconds=timed, step_s=statistics.median(timed), losses=losses,
       compiled_memory_mib=memory, rss_before_compile_mib=rss_before_compile,
@@ -307,8 +309,8 @@ def run_worker(name: str, args, tunables: bool = False, micro_batches: int | Non
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps), "--warmup",
          str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed),
          "--loss_chunk", str(args.loss_chunk), "--micro_batches", str(micro_batches),
-         "--torch_threads", str(args.torch_threads)] + (["--remat"] if args.remat else []) + (
-             ["--no_torch_peak"] if args.no_torch_peak else [])
+         "--torch_threads", str(args.torch_threads), "--kernels", args.kernels] + (
+             ["--remat"] if args.remat else []) + (["--no_torch_peak"] if args.no_torch_peak else [])
   label = name + ((" (FIAT_GLIBC_MALLOC=reuse)" if name.startswith("ours") else " (GLIBC_TUNABLES)") if tunables
                   else "") + (
       f" (micro_batches={micro_batches})" if micro_batches != args.micro_batches else "")
@@ -377,6 +379,7 @@ def summarise(result: dict) -> dict:
 def _levers(run: dict) -> str:
   out = [f"TrainConfig.loss_chunk={run['loss_chunk']}" if run["loss_chunk"] else "no loss chunking"]
   out.append("Config.remat=True" if run["remat"] else "no remat")
+  out.append(f"Config.kernels={run['kernels']}")
   if run["micro_batches"] > 1:
     out.append(f"TrainConfig.micro_batches={run['micro_batches']}")
   return ", ".join(out)
@@ -448,6 +451,8 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--seed", type=int, default=0, help="numpy seed of the token ids")
   ap.add_argument("--loss_chunk", type=int, default=32, help="ours: TrainConfig.loss_chunk (0: none)")
   ap.add_argument("--remat", action="store_true", help="ours: model Config.remat=True")
+  ap.add_argument("--kernels", default="fused", choices=("reference", "fused", "xla_attention"),
+                  help="ours: model Config.kernels (fiat_jax/ops.py)")
   ap.add_argument("--micro_batches", type=int, default=1,
                   help="ours: TrainConfig.micro_batches (gradient accumulation over slices of the same batch)")
   ap.add_argument("--variant_micro_batches", type=int, default=8,
