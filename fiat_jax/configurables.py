@@ -7,9 +7,10 @@ mode reads it: serving β, writing rationales, training τ or planning memory.
 from fiat_jax import data  # register_tasks
 from fiat_jax import hf  # model_config
 from fiat_jax import infer  # infer
+from fiat_jax import lora  # LoraConfig
 from fiat_jax import optim  # OptimConfig
 from fiat_jax import plan  # plan
-from fiat_jax import run  # Experiment, Recipe, Beta, tau_model, build, evaluate_run, vocabularies, peft_config
+from fiat_jax import run  # Experiment, Recipe, Beta, tau_model, build, evaluate_run, vocabularies
 from fiat_jax import sharding  # make_mesh, logical_axis_rules
 from fiat_jax import train  # TrainConfig
 from fiat_jax import vocab  # vocabulary (a checkpoint's tokenizer.json or tokenizer.model)

@@ -1,5 +1,6 @@
 """Export for other stacks: θ'_τ = θ_τ ⊕ θ_PEFT as a Hugging Face checkpoint (config.json + safetensors), and θ_PEFT
-alone in PEFT's adapter layout (adapter_config.json + adapter_model.safetensors) for the unchanged base."""
+alone in PEFT's adapter layout (adapter_config.json + adapter_model.safetensors; the variant's lora.VARIANTS entry
+maps its tensors) for the unchanged base."""
 import json
 import math
 import os
@@ -143,51 +144,39 @@ def save_merged(out_dir: str, cfg: model_lib.Config, params, collections, arch: 
   return save_checkpoint(out_dir, merged_cfg, merged, arch, base_dir, dtype, max_shard_bytes)
 
 
-def _column_norm(w: np.ndarray, axis: int) -> np.ndarray:
-  return np.sqrt(np.sum(np.square(w.astype(np.float64)), axis=axis))
-
-
-def peft_tensors(cfg: model_lib.Config, params, collections) -> tuple[dict, int, float]:
-  """(PEFT state dict, rank, lora_alpha). PiSSA's s(AB - A0B0) on the original base is the rank-2R adapter
-  [A, A0][B; -B0] (alpha doubled, or times sqrt 2 for rsLoRA, keeping the scale); DoRA's magnitudes are exported
-  as they are, and embed / unembed targets (plain LoRA here) get the magnitude that makes PEFT's DoRA factor 1."""
+def peft_tensors(cfg: model_lib.Config, params, collections) -> tuple[dict, dict]:
+  """(PEFT state dict, the adapter_config fields of the variant's layout): every target's tensors as its
+  lora.VARIANTS entry maps them; raises for a variant without a PEFT layout."""
   lcfg: lora_lib.LoraConfig = cfg.lora
-  lora, init = _host_tree(collections["lora"]), _host_tree(collections.get("lora_init", {}))
-  pissa = lcfg.variant == "pissa"
-  rank = 2 * lcfg.rank if pissa else lcfg.rank
-  alpha = lcfg.alpha * (math.sqrt(2) if lcfg.rslora else 2) if pissa else lcfg.alpha
-  pad = lambda a, axis: np.concatenate([a, np.zeros_like(a)], axis=axis) if pissa else a
-  out, prefix = {}, "base_model.model."
+  layout = lora_lib.variant(lcfg).peft
+  if layout is None:
+    raise ValueError(f"export: the LoRA variant {lcfg.variant!r} has no Hugging Face PEFT adapter layout "
+                     f"(lora.VARIANTS[{lcfg.variant!r}].peft is None); export the merged checkpoint instead")
+  lora, init = _host_tree(collections[lora_lib.TRAINABLE]), _host_tree(collections.get(lora_lib.FROZEN, {}))
+  out, prefix, frozen = {}, "base_model.model.", []
+
+  def put(module, tensors):
+    out.update({f"{prefix}{module}.{name}": x for name, x in tensors.items()})
+
   for i in range(cfg.num_layers):
     for block, targets in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
       for t in targets:
         node = lora.get(f"layer_{i}", {}).get(block, {}).get(t)
         if node is None:
           continue
-        a, b = node["a"], node["b"]
-        if pissa:
-          a0, b0 = init[f"layer_{i}"][block][t]["a"], init[f"layer_{i}"][block][t]["b"]
-          a, b = np.concatenate([a, a0], axis=1), np.concatenate([b, -b0], axis=0)
-        name = prefix + hf.hf_module((f"layer_{i}", block, t))
-        out[name + ".lora_A.weight"], out[name + ".lora_B.weight"] = a.T, b.T
-        if lcfg.variant == "dora":
-          out[name + ".lora_magnitude_vector"] = node["m"]
+        f = init.get(f"layer_{i}", {}).get(block, {}).get(t, {})
+        frozen.append(f)
+        put(hf.hf_module((f"layer_{i}", block, t)), layout.module(lcfg, "dense", node, f, None))
   emb = lora.get("embedder", {})
-  base_emb = _host(params["embedder"]["embedding"]).astype(np.float32)
+  if emb:
+    base_emb = _host(params["embedder"]["embedding"]).astype(np.float32)
   if "embed_a" in emb:
-    a, b = pad(emb["embed_a"], 1), pad(emb["embed_b"], 0)
-    out[prefix + "model.embed_tokens.lora_embedding_A"], out[prefix + "model.embed_tokens.lora_embedding_B"] = a.T, b.T
-    if lcfg.variant == "dora":  # PEFT scales each embedding dimension by m / ||W + s dW|| over the vocab
-      out[prefix + "model.embed_tokens.lora_magnitude_vector"] = _column_norm(
-          base_emb + lcfg.scale * emb["embed_a"] @ emb["embed_b"], 0)
+    put("model.embed_tokens", layout.module(lcfg, "embed", {"a": emb["embed_a"], "b": emb["embed_b"]}, {}, base_emb))
   if "unembed_a" in emb:
-    a, b = pad(emb["unembed_a"], 1), pad(emb["unembed_b"], 0)
-    out[prefix + "lm_head.lora_A.weight"], out[prefix + "lm_head.lora_B.weight"] = a.T, b.T
-    if lcfg.variant == "dora":
-      w_dv = base_emb.T if cfg.tie_embeddings else _host(params["embedder"]["unembed"]).astype(np.float32)
-      out[prefix + "lm_head.lora_magnitude_vector"] = _column_norm(
-          w_dv + lcfg.scale * emb["unembed_a"] @ emb["unembed_b"], 0)
-  return out, rank, alpha
+    w_dv = base_emb.T if cfg.tie_embeddings else _host(params["embedder"]["unembed"]).astype(np.float32)
+    put("lm_head", layout.module(lcfg, "unembed", {"a": emb["unembed_a"], "b": emb["unembed_b"]}, {}, w_dv))
+  out.update({f"base_model.{name}": x for name, x in layout.shared(lcfg, frozen).items()})
+  return out, layout.config(lcfg)
 
 
 def _host_tree(tree):
@@ -196,16 +185,14 @@ def _host_tree(tree):
 
 def save_peft(out_dir: str, cfg: model_lib.Config, params, collections, base_model_name_or_path: str | None = None,
               dtype: str = "float32") -> dict:
-  """θ_PEFT alone as a PEFT LoRA adapter (peft.PeftModel.from_pretrained(base, out_dir)); returns its config."""
+  """θ_PEFT alone as a PEFT adapter (peft.PeftModel.from_pretrained(base, out_dir)) in its variant's layout;
+  returns its config."""
   lcfg: lora_lib.LoraConfig = cfg.lora
   if lcfg is None:
     raise ValueError("export: the model config has no LoRA (cfg.lora is None); nothing to save as an adapter")
-  tensors, rank, alpha = peft_tensors(cfg, params, collections)
-  adapter_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-                 "r": rank, "lora_alpha": alpha, "lora_dropout": lcfg.dropout, "use_rslora": lcfg.rslora,
-                 "use_dora": lcfg.variant == "dora", "target_modules": sorted(_PEFT_NAMES[t] for t in lcfg.targets),
-                 "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-                 "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+  tensors, fields = peft_tensors(cfg, params, collections)
+  adapter_cfg = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+                 "target_modules": sorted(_PEFT_NAMES[t] for t in lcfg.targets), "inference_mode": True, **fields}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     hf.write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"),

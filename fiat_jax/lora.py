@@ -1,42 +1,54 @@
-"""LoRA (and the rsLoRA, DoRA and PiSSA variants) as the projection modules of model.py, plus init, merge
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA, VeRA) as the projection modules of model.py, plus init, merge
 (θ'_τ = θ_τ ⊕ θ_PEFT), unmerge and parameter counts.
 
-The base tree (`params`) is never touched: LoRA weights live in the `lora` collection (trainable) and, for
-PiSSA, the initial factors in `lora_init` (frozen). A target module with rank R holds
-  a [in, R] (random), b [R, out] (zeros, so the model starts as the base model), and for DoRA m [out].
-This is the file to edit to try a LoRA variant: `Dense.project` (the forward), `_init_target` and `_merge_kernel`.
+The base tree (`params`) is never touched: a variant's trainable tensors live in the `lora` collection and those it
+keeps at their initial values (PiSSA's initial factors, VeRA's random projections) in `lora_init` (frozen).
+A variant is one `Variant` entry in VARIANTS: its tensors (with logical axes and init), forward, exact merge and
+unmerge, LoRA+ matrices and PEFT adapter layout. The model, trainer, optimizer, sharding and export read the entry,
+so adding a variant is adding an entry. `embed` / `unembed` targets use plain LoRA under every variant.
 `lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) have hand-written
 gradients, for speed and memory; a variant's own terms can be plain jnp code, which autodiff differentiates.
 """
 import dataclasses
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiat_jax import config_check
+
 DENSE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBED_TARGETS = ("embed", "unembed")
+TRAINABLE, FROZEN = "lora", "lora_init"  # the collections of a variant's trainable and frozen tensors
+EMBED_LORAPLUS = ("embed_b", "unembed_b")  # the embeddings' (plain LoRA) B matrices, for LoRA+
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class LoraConfig:
-  """Which projections get LoRA, and how. `embed`/`unembed` always use plain LoRA."""
+  """θ_PEFT's shape: which projections get LoRA, and how. `embed`/`unembed` always use plain LoRA."""
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = DENSE_TARGETS
   dropout: float = 0.0
   rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank.
-  variant: str = "lora"  # lora | dora | pissa
+  variant: str = "lora"  # a key of VARIANTS: lora | dora | pissa | vera
 
   def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))  # gin and JSON give lists; the config is hashed
     unknown = set(self.targets) - set(DENSE_TARGETS + EMBED_TARGETS)
     if unknown:
       raise ValueError(f"LoraConfig.targets: unknown {sorted(unknown)}; choose from {DENSE_TARGETS + EMBED_TARGETS}")
-    if self.variant not in ("lora", "dora", "pissa"):
-      raise ValueError(f"LoraConfig.variant: {self.variant!r} is not one of lora, dora, pissa")
+    if self.variant not in VARIANTS:
+      raise ValueError(f"LoraConfig.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
+    if self.rank < 1:
+      raise ValueError(f"LoraConfig.rank: {self.rank} must be >= 1")
 
   @property
   def scale(self) -> float:
@@ -114,6 +126,213 @@ def _lora_dense_bwd(scale, res, g_O):
 lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
 
 
+# ---- The variants: one registry entry each ----------------------------------------------------------------------
+
+class Shared(NamedTuple):
+  """What a variant's init may share across targets: a key and the largest kernel [in, out] over the targets."""
+  key: jax.Array
+  max_in: int
+  max_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLayout:
+  """A variant in Hugging Face PEFT's adapter layout (hf_export.save_peft)."""
+  config: Callable  # (cfg) -> adapter_config.json fields: peft_type, r, ...
+  # (cfg, kind, t, f, w) -> {tensor name after the module's: numpy array} for one target. kind 'dense': a Dense
+  # target's tensors, w None; 'embed' / 'unembed': plain LoRA t = {'a', 'b'}, f = {}, w the base [in, out].
+  module: Callable
+  shared: Callable = lambda cfg, frozen: {}  # (cfg, every dense target's f) -> tensors named after 'base_model.'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A LoRA variant of the Dense targets. t / f: one target's trainable / frozen tensors by name, as stored."""
+  trainable: dict  # name -> logical axes ('in' / 'out': the kernel's), in the 'lora' collection
+  frozen: dict  # the same, in 'lora_init': kept at their initial values, never trained
+  init: Callable  # (cfg, w [in, out], key, shared: Shared) -> (t, f)
+  forward: Callable  # (cfg, x, xd, w, t, f) -> x W' (xd: x after LoRA dropout; cast inside to x.dtype)
+  merge: Callable  # (cfg, w, t, f) -> W', what forward computes, as one matrix of w's dtype
+  unmerge: Callable  # (cfg, W', t, f) -> W; raises where W' does not determine W
+  loraplus: tuple = ()  # trainable names LoRA+ gives the larger learning rate (its "B matrices")
+  peft: PeftLayout | None = None  # None: PEFT has no layout for it, and save_peft says so
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _additive(delta) -> dict:
+  """merge and unmerge of a variant whose W' = W + delta(cfg, t, f) (float32 math)."""
+  return dict(merge=lambda cfg, w, t, f: (_f32(w) + delta(cfg, t, f)).astype(w.dtype),
+              unmerge=lambda cfg, w, t, f: (_f32(w) - delta(cfg, t, f)).astype(w.dtype))
+
+
+def _lora_init(cfg, w, key, shared):
+  n_in, n_out = w.shape
+  bound = 1.0 / math.sqrt(n_in)  # PEFT's kaiming-uniform(a=sqrt(5)) for A; B at zero: the model starts as the base.
+  return {"a": jax.random.uniform(key, (n_in, cfg.rank), w.dtype, -bound, bound),
+          "b": jnp.zeros((cfg.rank, n_out), w.dtype)}, {}
+
+
+def _lora_forward(cfg, x, xd, w, t, f):
+  return lora_dense(x, xd, w.astype(x.dtype), t["a"].astype(x.dtype), t["b"].astype(x.dtype), cfg.scale)
+
+
+def _lora_delta(cfg, t, f):
+  return cfg.scale * (_f32(t["a"]) @ _f32(t["b"]))
+
+
+def _peft_lora_module(kind, a, b, **extra):
+  """PEFT LoRA tensors of one module from A [in, R] and B [R, out] (PEFT stores both transposed)."""
+  if kind == "embed":
+    return {"lora_embedding_A": a.T, "lora_embedding_B": b.T, **extra}
+  return {"lora_A.weight": a.T, "lora_B.weight": b.T, **extra}
+
+
+def _peft_lora_config(cfg, rank=None, alpha=None, use_dora=False) -> dict:
+  return {"peft_type": "LORA", "r": rank or cfg.rank, "lora_alpha": alpha or cfg.alpha, "lora_dropout": cfg.dropout,
+          "use_rslora": cfg.rslora, "use_dora": use_dora, "bias": "none", "fan_in_fan_out": False,
+          "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+LORA = Variant(
+    trainable={"a": ("in", "lora_rank"), "b": ("lora_rank", "out")}, frozen={}, init=_lora_init,
+    forward=_lora_forward, **_additive(_lora_delta), loraplus=("b",),
+    peft=PeftLayout(config=_peft_lora_config,
+                    module=lambda cfg, kind, t, f, w: _peft_lora_module(kind, t["a"], t["b"])))
+
+
+def _dora_init(cfg, w, key, shared):
+  t, f = _lora_init(cfg, w, key, shared)
+  return dict(t, m=_column_norm(w).astype(w.dtype)), f
+
+
+def _dora_forward(cfg, x, xd, w, t, f):
+  # Magnitude m times the unit-norm direction of W + s A B; the norm is not differentiated (DoRA §4.3).
+  y = _lora_forward(cfg, x, xd, w, t, f)
+  v = _f32(w) + cfg.scale * jnp.dot(_f32(t["a"].astype(x.dtype)), _f32(t["b"].astype(x.dtype)))
+  return (y * (_f32(t["m"]) / jax.lax.stop_gradient(_column_norm(v)))).astype(y.dtype)
+
+
+def _dora_merge(cfg, w, t, f):
+  v = _f32(w) + cfg.scale * _f32(t["a"]) @ _f32(t["b"])
+  return (v * (_f32(t["m"]) / _column_norm(v))).astype(w.dtype)
+
+
+def _dora_unmerge(cfg, w, t, f):
+  raise ValueError("unmerge: DoRA's merged weight m * V/||V|| does not determine W; keep the base checkpoint")
+
+
+def _peft_dora_module(cfg, kind, t, f, w):
+  # embed / unembed (plain LoRA here) get the magnitude that makes PEFT's DoRA factor 1: ||W + s A B|| itself.
+  m = t["m"] if "m" in t else np.sqrt(np.sum(np.square((w + cfg.scale * t["a"] @ t["b"]).astype(np.float64)), 0))
+  return _peft_lora_module(kind, t["a"], t["b"], lora_magnitude_vector=m)
+
+
+DORA = Variant(
+    trainable=dict(LORA.trainable, m=("out",)), frozen={}, init=_dora_init, forward=_dora_forward,
+    merge=_dora_merge, unmerge=_dora_unmerge, loraplus=("b",),
+    peft=PeftLayout(config=lambda cfg: _peft_lora_config(cfg, use_dora=True), module=_peft_dora_module))
+
+
+def _pissa_init(cfg, w, key, shared):
+  # The principal singular directions of W, split evenly between A and B; the frozen copy is subtracted.
+  u, s, vt = jnp.linalg.svd(_f32(w), full_matrices=False)
+  root = jnp.sqrt(s[: cfg.rank] / cfg.scale)
+  a, b = (u[:, : cfg.rank] * root).astype(w.dtype), (root[:, None] * vt[: cfg.rank]).astype(w.dtype)
+  return {"a": a, "b": b}, {"a": a, "b": b}
+
+
+def _pissa_forward(cfg, x, xd, w, t, f):
+  # The base keeps its principal part: subtract the frozen initial factors (the two products are computed alike,
+  # so at init the output is the base output exactly).
+  c = lambda v: v.astype(x.dtype)
+  return jnp.dot(x, c(w)) + (low_rank(xd, c(t["a"]), c(t["b"]), cfg.scale) -
+                             low_rank(xd, c(f["a"]), c(f["b"]), cfg.scale))
+
+
+def _peft_pissa_module(cfg, kind, t, f, w):
+  # s(AB - A0B0) on the original base is the rank-2R adapter [A, A0][B; -B0] (alpha scaled in the config to keep
+  # the scale); plain-LoRA embed / unembed targets are padded to rank 2R with zeros.
+  a0, b0 = (f["a"], f["b"]) if f else (np.zeros_like(t["a"]), np.zeros_like(t["b"]))
+  return _peft_lora_module(kind, np.concatenate([t["a"], a0], 1), np.concatenate([t["b"], -b0], 0))
+
+
+PISSA = Variant(
+    trainable=LORA.trainable, frozen=LORA.trainable, init=_pissa_init, forward=_pissa_forward,
+    **_additive(lambda cfg, t, f: cfg.scale * (_f32(t["a"]) @ _f32(t["b"]) - _f32(f["a"]) @ _f32(f["b"]))),
+    loraplus=("b",),
+    peft=PeftLayout(module=_peft_pissa_module, config=lambda cfg: _peft_lora_config(
+        cfg, rank=2 * cfg.rank, alpha=cfg.alpha * (math.sqrt(2) if cfg.rslora else 2))))
+
+VERA_D_INITIAL = 0.1  # VeRA's d at init (the paper's d_initial, PEFT's default)
+
+
+def _vera_init(cfg, w, key, shared):
+  # One pair of random projections for the whole model (the paper's sharing, PEFT's layout): a target takes the
+  # leading rows of A [max_in, R] and columns of B [R, max_out] (a copy per target: frozen, so they stay equal).
+  # Kaiming-uniform as PEFT: bounds 1/sqrt(fan_in), fan_in max_in for A and R for B.
+  n_in, n_out = w.shape
+  key_a, key_b = jax.random.split(shared.key)
+  bound_a, bound_b = 1.0 / math.sqrt(shared.max_in), 1.0 / math.sqrt(cfg.rank)
+  a = jax.random.uniform(key_a, (shared.max_in, cfg.rank), w.dtype, -bound_a, bound_a)[:n_in]
+  b = jax.random.uniform(key_b, (cfg.rank, shared.max_out), w.dtype, -bound_b, bound_b)[:, :n_out]
+  # b = 0: VeRA starts as the base exactly.
+  return {"d": jnp.full((cfg.rank,), VERA_D_INITIAL, w.dtype), "b": jnp.zeros((n_out,), w.dtype)}, {"a": a, "b": b}
+
+
+def _vera_forward(cfg, x, xd, w, t, f):
+  # h = W0 x + Λ_b B Λ_d A x (VeRA eq. 1): no alpha / rank scale, d and b carry it.
+  c = lambda v: v.astype(x.dtype)
+  return jnp.dot(x, c(w)) + jnp.dot(jnp.dot(xd, c(f["a"])) * c(t["d"]), c(f["b"])) * c(t["b"])
+
+
+def _peft_vera_module(cfg, kind, t, f, w):
+  if kind != "dense":
+    raise ValueError(f"export: a VeRA adapter in PEFT's layout covers the Dense targets only; LoraConfig.targets "
+                     f"has {kind!r} (plain LoRA here): drop it from the targets or export the merged checkpoint")
+  return {"vera_lambda_b": t["b"], "vera_lambda_d": t["d"]}
+
+
+def _peft_vera_shared(cfg, frozen):
+  """PEFT's one vera_A [R, max_in] and vera_B [max_out, R], rebuilt from the targets' leading slices."""
+  a = max((f["a"] for f in frozen), key=len)
+  b = max((f["b"] for f in frozen), key=lambda x: x.shape[1])
+  if not all(np.array_equal(f["a"], a[:len(f["a"])]) and np.array_equal(f["b"], b[:, :f["b"].shape[1]])
+             for f in frozen):
+    raise ValueError("export: the VeRA projections of the targets are not slices of one shared pair; they were "
+                     "not built by lora.init (or were trained)")
+  return {"vera_A": a.T, "vera_B": b.T}
+
+
+VERA = Variant(
+    trainable={"d": ("lora_rank",), "b": ("out",)}, frozen=LORA.trainable, init=_vera_init, forward=_vera_forward,
+    **_additive(lambda cfg, t, f: (_f32(f["a"]) * _f32(t["d"])) @ _f32(f["b"]) * _f32(t["b"])),
+    peft=PeftLayout(config=lambda cfg: {
+        "peft_type": "VERA", "r": cfg.rank, "projection_prng_key": 0, "save_projection": True,
+        "vera_dropout": cfg.dropout, "d_initial": VERA_D_INITIAL, "fan_in_fan_out": False, "bias": "none",
+        "modules_to_save": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None},
+        module=_peft_vera_module, shared=_peft_vera_shared))
+
+VARIANTS: dict[str, Variant] = {"lora": LORA, "dora": DORA, "pissa": PISSA, "vera": VERA}
+
+
+def variant(cfg: LoraConfig) -> Variant:
+  """The VARIANTS entry of cfg.variant; a clear error naming it when it is not registered."""
+  if cfg.variant not in VARIANTS:
+    raise ValueError(f"LoRA variant {cfg.variant!r} is not registered in lora.VARIANTS ({', '.join(VARIANTS)})")
+  return VARIANTS[cfg.variant]
+
+
+def loraplus_mask(cfg: LoraConfig, trainable):
+  """True at the trainable leaves LoRA+ gives the larger learning rate: the variant's and the embeddings' B."""
+  names = set(variant(cfg).loraplus) | set(EMBED_LORAPLUS)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) in names and getattr(path[0], "key", None) == TRAINABLE,
+      trainable)
+
+
 class Dense(nn.Module):
   """A bias-optional projection x @ kernel [in, out], with the configured LoRA variant when targeted."""
   features: int
@@ -139,21 +358,13 @@ class Dense(nn.Module):
     return y
 
   def project(self, x, kernel, deterministic):
-    """x W' for the configured variant (before the bias), W' = W ⊕ the LoRA factors."""
+    """x W' for the configured variant (before the bias), W' = W ⊕ the variant's tensors."""
     cfg = self.lora
-    a, b = _get(self, "lora", "a").astype(self.dtype), _get(self, "lora", "b").astype(self.dtype)
+    v = variant(cfg)
+    t = {name: _get(self, TRAINABLE, name) for name in v.trainable}
+    f = {name: _get(self, FROZEN, name) for name in v.frozen}
     xd = nn.Dropout(cfg.dropout)(x, deterministic=deterministic) if cfg.dropout else x
-    if cfg.variant == "pissa":  # the base keeps its principal part: subtract the frozen initial factors (the two
-      # products are computed alike, so at init the output is the base output exactly).
-      a0, b0 = _get(self, "lora_init", "a").astype(self.dtype), _get(self, "lora_init", "b").astype(self.dtype)
-      return jnp.dot(x, kernel.astype(self.dtype)) + (low_rank(xd, a, b, cfg.scale) - low_rank(xd, a0, b0, cfg.scale))
-    y = lora_dense(x, xd, kernel.astype(self.dtype), a, b, cfg.scale)
-    if cfg.variant == "lora":
-      return y
-    # DoRA: magnitude m times the unit-norm direction of W + s A B; the norm is not differentiated (DoRA §4.3).
-    w = kernel.astype(jnp.float32) + cfg.scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
-    ratio = _get(self, "lora", "m").astype(jnp.float32) / jax.lax.stop_gradient(_column_norm(w))
-    return (y * ratio).astype(y.dtype)
+    return v.forward(cfg, x, xd, kernel, t, f)
 
 
 class Embed(nn.Module):
@@ -228,7 +439,11 @@ def _walk(params, cfg: LoraConfig, fn, tied: bool):
   return out
 
 
-def _init_target(cfg: LoraConfig, kind: str, w, key):
+def _collections(t: dict, f: dict) -> dict:
+  return {TRAINABLE: t, FROZEN: f} if f else {TRAINABLE: t}
+
+
+def _init_target(cfg: LoraConfig, kind: str, w, key, shared: Shared):
   """LoRA variables of one target from its base weight w ([in, out]; the embedding is [V, D])."""
   if kind == "embed":
     return {"lora": {"embed_a": jax.random.normal(key, (w.shape[0], cfg.rank), w.dtype),
@@ -238,26 +453,30 @@ def _init_target(cfg: LoraConfig, kind: str, w, key):
     bound = 1.0 / math.sqrt(d)
     return {"lora": {"unembed_a": jax.random.uniform(key, (d, cfg.rank), w.dtype, -bound, bound),
                      "unembed_b": jnp.zeros((cfg.rank, v), w.dtype)}}
-  n_in, n_out = w.shape
-  if cfg.variant == "pissa":  # principal singular directions of W, split evenly between A and B.
-    u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
-    root = jnp.sqrt(s[: cfg.rank] / cfg.scale)
-    a, b = (u[:, : cfg.rank] * root).astype(w.dtype), (root[:, None] * vt[: cfg.rank]).astype(w.dtype)
-    return {"lora": {"a": a, "b": b}, "lora_init": {"a": a, "b": b}}
-  bound = 1.0 / math.sqrt(n_in)  # PEFT's kaiming-uniform(a=sqrt(5)) for A.
-  cols = {"lora": {"a": jax.random.uniform(key, (n_in, cfg.rank), w.dtype, -bound, bound),
-                   "b": jnp.zeros((cfg.rank, n_out), w.dtype)}}
-  if cfg.variant == "dora":
-    cols["lora"]["m"] = _column_norm(w).astype(w.dtype)
-  return cols
+  entry = variant(cfg)
+  t, f = entry.init(cfg, w, key, shared)
+  if set(t) != set(entry.trainable) or set(f) != set(entry.frozen):
+    raise ValueError(f"lora.VARIANTS[{cfg.variant!r}]: init returned trainable {sorted(t)} and frozen {sorted(f)}, "
+                     f"its entry declares {sorted(entry.trainable)} and {sorted(entry.frozen)}")
+  return _collections(t, f)
 
 
 def init(cfg: LoraConfig, params, key, tied: bool = True) -> dict:
-  """LoRA collections for a base params tree (unboxed arrays): {'lora': ..., and 'lora_init' for PiSSA}."""
+  """LoRA collections for a base params tree (unboxed arrays): {'lora': ...} and, for a variant with frozen
+  tensors (PiSSA, VeRA), {'lora_init': ...}."""
   params = nn.meta.unbox(params)
+  shapes = []
+
+  def dense_shape(kind, _, w):
+    if kind == "dense":
+      shapes.append(w.shape)
+    return {}
+  _walk(params, cfg, dense_shape, tied)
+  shared = Shared(jax.random.fold_in(key, 0x7FFFFFFF), max((s[0] for s in shapes), default=0),
+                  max((s[1] for s in shapes), default=0))
   counter = iter(range(1 << 30))
-  return _walk(params, cfg, lambda kind, _, w: _init_target(cfg, kind, w, jax.random.fold_in(key, next(counter))),
-               tied)
+  return _walk(params, cfg, lambda kind, _, w: _init_target(cfg, kind, w, jax.random.fold_in(key, next(counter)),
+                                                            shared), tied)
 
 
 def logical_axes(cfg: LoraConfig, param_axes, tied: bool = True) -> dict:
@@ -268,69 +487,49 @@ def logical_axes(cfg: LoraConfig, param_axes, tied: bool = True) -> dict:
       return {"lora": {"embed_a": (axes[0], "lora_rank"), "embed_b": ("lora_rank", axes[1])}}
     if kind.startswith("unembed"):
       return {"lora": {"unembed_a": ("embed", "lora_rank"), "unembed_b": ("lora_rank", "vocab")}}
-    ab = {"a": (axes[0], "lora_rank"), "b": ("lora_rank", axes[1])}
-    cols = {"lora": dict(ab, **({"m": (axes[1],)} if cfg.variant == "dora" else {}))}
-    if cfg.variant == "pissa":
-      cols["lora_init"] = dict(ab)
-    return cols
+    named = {"in": axes[0], "out": axes[1]}
+    spec = lambda names: {n: tuple(named.get(a, a) for a in ax) for n, ax in names.items()}
+    entry = variant(cfg)
+    return _collections(spec(entry.trainable), spec(entry.frozen))
   return _walk(param_axes, cfg, fn, tied)
 
 
-def _merge_kernel(cfg: LoraConfig, w, a, b, m=None, a0=None, b0=None):
-  """W' for one Dense target: what the forward computes, folded into one matrix."""
-  f32 = lambda t: t.astype(jnp.float32)
-  w32 = f32(w)
-  if cfg.variant == "dora":
-    v = w32 + cfg.scale * f32(a) @ f32(b)
-    return (v * (f32(m) / _column_norm(v))).astype(w.dtype)
-  delta = f32(a) @ f32(b)
-  if cfg.variant == "pissa":
-    delta = delta - f32(a0) @ f32(b0)
-  return (w32 + cfg.scale * delta).astype(w.dtype)
+def _fold(cfg: LoraConfig, params, collections, dense_fn, sign: float) -> None:
+  """Folds the adapter into `params` in place: dense_fn (the variant's merge or unmerge) at every Dense target,
+  ± s A B at the embeddings."""
+  def rec(node, lnode, inode):
+    for name, child in lnode.items():
+      if name == "embedder":
+        emb = node["embedder"]
+        for kind, leaf in (("embed", "embedding"), ("unembed", "unembed")):
+          if f"{kind}_a" in child:
+            w = emb[leaf]
+            emb[leaf] = (w + sign * cfg.scale * child[f"{kind}_a"] @ child[f"{kind}_b"]).astype(w.dtype)
+      elif not any(isinstance(c, dict) for c in child.values()):  # a Dense target's tensors
+        node[name]["kernel"] = dense_fn(cfg, node[name]["kernel"], child, inode.get(name, {}))
+      else:
+        rec(node[name], child, inode.get(name, {}))
+
+  rec(params, collections[TRAINABLE], collections.get(FROZEN, {}))
 
 
 def merge(model_cfg, params, collections) -> tuple:
   """θ'_τ = θ_τ ⊕ θ_PEFT: returns (merged params, the config to run them with: no LoRA, untied if needed)."""
   cfg: LoraConfig = model_cfg.lora
   params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(params))  # a copy we may edit
-  lora_t, init_t = collections["lora"], collections.get("lora_init", {})
   untie = model_cfg.tie_embeddings and bool(set(cfg.targets) & set(EMBED_TARGETS))
-
-  def rec(node, lnode, inode):
-    for name, child in lnode.items():
-      if name == "embedder":
-        emb = node["embedder"]
-        base_e = emb["embedding"]
-        if untie:
-          emb["unembed"] = base_e.T
-        if "embed_a" in child:
-          emb["embedding"] = (base_e + cfg.scale * child["embed_a"] @ child["embed_b"]).astype(base_e.dtype)
-        if "unembed_a" in child:
-          u = emb["unembed"]
-          emb["unembed"] = (u + cfg.scale * child["unembed_a"] @ child["unembed_b"]).astype(u.dtype)
-      elif "a" in child and not isinstance(child["a"], dict):
-        ini = inode.get(name, {})
-        node[name]["kernel"] = _merge_kernel(cfg, node[name]["kernel"], child["a"], child["b"], child.get("m"),
-                                             ini.get("a"), ini.get("b"))
-      else:
-        rec(node[name], child, inode.get(name, {}))
-
-  rec(params, lora_t, init_t)
+  if untie:
+    params["embedder"]["unembed"] = params["embedder"]["embedding"].T
+  _fold(cfg, params, collections, variant(cfg).merge, 1.0)
   merged_cfg = dataclasses.replace(model_cfg, lora=None, tie_embeddings=model_cfg.tie_embeddings and not untie)
   return params, merged_cfg
 
 
 def unmerge(model_cfg, merged_params, collections):
-  """θ_τ from θ'_τ and θ_PEFT (LoRA and PiSSA). DoRA cannot be unmerged: W' keeps only the direction of
-  W + sAB rescaled to m, so W itself is not recoverable from W' and the adapter."""
+  """θ_τ from θ'_τ and θ_PEFT, with the variant's unmerge (which raises where W' does not determine W: DoRA)."""
   cfg: LoraConfig = model_cfg.lora
-  if cfg.variant == "dora":
-    raise ValueError("unmerge: DoRA's merged weight m * V/||V|| does not determine W; keep the base checkpoint")
-  negate_b = lambda path, x: -x if path[-1].key in ("b", "embed_b", "unembed_b") else x
-  neg = {"lora": jax.tree_util.tree_map_with_path(negate_b, collections["lora"])}
-  if "lora_init" in collections:
-    neg["lora_init"] = jax.tree_util.tree_map_with_path(negate_b, collections["lora_init"])
-  params, _ = merge(dataclasses.replace(model_cfg, tie_embeddings=False), merged_params, neg)
+  params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(merged_params))
+  _fold(cfg, params, collections, variant(cfg).unmerge, -1.0)
   if model_cfg.tie_embeddings and "unembed" in params.get("embedder", {}) and set(cfg.targets) & set(EMBED_TARGETS):
     params["embedder"].pop("unembed")
   return params

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fiat_jax import config_check
-
-LORA_B_NAMES = ("b", "embed_b", "unembed_b")
+from fiat_jax import lora as lora_lib
 
 
 @gin.configurable
@@ -60,10 +59,6 @@ def schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
   return fn
 
 
-def _is_lora_b(path) -> bool:
-  return getattr(path[-1], "key", None) in LORA_B_NAMES and any(getattr(p, "key", None) == "lora" for p in path)
-
-
 def _scale_leaves(factors) -> optax.GradientTransformation:
   """Multiplies each update leaf by a constant (LoRA+ per-matrix learning-rate ratios)."""
   def update(updates, state, params=None):
@@ -73,8 +68,9 @@ def _scale_leaves(factors) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make(cfg: OptimConfig, num_steps: int, trainable) -> optax.GradientTransformation:
-  """The optax transformation for a trainable tree ({'lora': ...} or {'params': ...})."""
+def make(cfg: OptimConfig, num_steps: int, trainable, lora: lora_lib.LoraConfig | None = None
+         ) -> optax.GradientTransformation:
+  """The optax transformation for a trainable tree ({'lora': ...} of the variant `lora`, or {'params': ...})."""
   lr = schedule(cfg, num_steps)
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, trainable)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
@@ -84,10 +80,11 @@ def make(cfg: OptimConfig, num_steps: int, trainable) -> optax.GradientTransform
     parts.append(optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=cfg.weight_decay or None,
                                  weight_decay_mask=decay_mask))
   if cfg.loraplus_ratio:
-    if not any(_is_lora_b(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)):
-      raise ValueError("OptimConfig.loraplus_ratio is set but the trainable tree has no LoRA B matrices "
-                       "(LoRA+ needs mode 'peft' with LoRA)")
-    factors = jax.tree_util.tree_map_with_path(lambda p, _: cfg.loraplus_ratio if _is_lora_b(p) else 1.0,
-                                               trainable)
+    mask = lora_lib.loraplus_mask(lora, trainable) if lora is not None else None
+    if mask is None or not any(jax.tree_util.tree_leaves(mask)):
+      raise ValueError(f"OptimConfig.loraplus_ratio is set but the trainable tree has no LoRA B matrices (LoRA+ "
+                       f"needs mode 'peft' with a variant whose lora.VARIANTS entry names them; variant: "
+                       f"{lora.variant if lora else None!r})")
+    factors = jax.tree_util.tree_map(lambda b: cfg.loraplus_ratio if b else 1.0, mask)
     parts.append(_scale_leaves(factors))
   return optax.chain(*parts)

@@ -174,7 +174,7 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
   trainable, frozen = train_lib.split_variables(tcfg.mode, params, cols)
   trainable_sh = {k: params_sh if k == "params" else cols_sh[k] for k in trainable}
   frozen_sh = {k: params_sh if k == "params" else cols_sh[k] for k in frozen}
-  tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable)
+  tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable, cfg.lora)
   opt = jax.eval_shape(tx.init, trainable)
   with_shapes = jax.tree_util.tree_map(lambda sh, x: (sh, tuple(x.shape)), trainable_sh, trainable)
   opt_sh = train_lib.like_params(opt, with_shapes, replicated)  # as the trainer lays the state out

@@ -115,13 +115,6 @@ class Experiment:
 
 
 @gin.configurable
-def peft_config(rank: int = 8, alpha: float = 16.0, targets=lora_lib.DENSE_TARGETS, dropout: float = 0.0,
-                rslora: bool = False, variant: str = 'lora') -> lora_lib.LoraConfig:
-  """θ_PEFT's shape (LoRA and its variants, lora.py)."""
-  return lora_lib.LoraConfig(rank, alpha, tuple(targets), dropout, rslora, variant)
-
-
-@gin.configurable
 def byte_vocabulary() -> seqio.Vocabulary:
   return seqio.ByteVocabulary()
 
@@ -374,7 +367,7 @@ def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=Non
   task = format_with_i_tau(exp, recipe, vocab)
   tcfg = tcfg or train.TrainConfig()
   tcfg = dataclasses.replace(tcfg, mode='peft' if recipe.peft else 'full', seed=exp.seed)
-  model_cfg = dataclasses.replace(cfg, lora=peft_config() if recipe.peft else None)
+  model_cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig() if recipe.peft else None)  # gin: LoraConfig.*
   model = model_lib.Transformer(model_cfg)
   lengths = {'inputs': exp.inputs_length, 'targets': exp.targets_length}
   rows = tcfg.batch_size // jax.process_count()
@@ -397,7 +390,9 @@ def build(exp: Experiment, recipe: Recipe, beta: Optional[Beta] = None, tcfg=Non
   if res.preempted:
     logging.warning('preempted at step %d: rerun the same command to resume', res.step)
     return {'preempted': True, 'step': res.step}
-  save_trainable(run_dir, jax.device_get(res.trainable))  # the checkpoint selected on validation
+  # The checkpoint selected on validation, with the variant's frozen tensors (PiSSA's, VeRA's): θ_PEFT whole.
+  adapter = {**res.trainable, **{k: v for k, v in res.frozen.items() if k != 'params'}}
+  save_trainable(run_dir, jax.device_get(adapter))
   write_tau_config(run_dir, model_cfg, path, recipe, res, exp.bos_id)
   logging.info('run directory %s: the selected τ (step %d) is %s', run_dir, res.selected_step, TRAINABLE_FILE)
   write_predictions(os.path.join(run_dir, f'predictions_{exp.test_split}.jsonl'), test, final)

@@ -1,8 +1,9 @@
 """Export: the merged θ'_τ loads in transformers with our logits; θ_PEFT alone loads in peft onto the base with our
-logits (LoRA, rsLoRA, DoRA, PiSSA)."""
+logits (LoRA, rsLoRA, DoRA, PiSSA, VeRA); a variant without a PEFT layout is refused by name."""
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,9 +28,9 @@ def imported(family, tmp_path):
   return model, str(tmp_path / "base"), cfg, params
 
 
-def with_trained_lora(cfg, params, **lora_kw):
+def with_trained_lora(cfg, params, scale=0.2, **lora_kw):
   lcfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(rank=4, alpha=8.0, **lora_kw))
-  return lcfg, {"params": params, **helpers.perturbed_lora(lcfg, params, scale=0.2)}
+  return lcfg, {"params": params, **helpers.perturbed_lora(lcfg, params, scale=scale)}
 
 
 @pytest.mark.parametrize("family,targets,shard_bytes", [("llama", ALL_TARGETS, 1 << 30),
@@ -81,6 +82,43 @@ def test_peft_adapter_loads_onto_base_with_equal_logits(family, variant, rslora,
   assert (saved["r"], saved["lora_alpha"]) == ((8, 16.0) if variant == "pissa" else (4, 8.0))
   peft_model = peft.PeftModel.from_pretrained(make_hf_model(family), str(tmp_path / "adapter")).eval()
   assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max() < 1e-4
+
+
+def test_vera_adapter_loads_into_peft_as_vera_with_equal_logits(tmp_path):
+  model, base_dir, cfg, params = imported("qwen2", tmp_path)
+  lcfg, variables = with_trained_lora(cfg, params, scale=2.0, targets=("q", "v", "up", "down"), variant="vera")
+  tokens, mask = padded_batch(seed=6)
+  ours = our_logits(lcfg, variables, tokens, mask)
+  real = mask.astype(bool)
+  assert np.abs(ours - hf_logits(model, tokens, mask))[real].max() > 1e-2
+
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  saved = hf_export.save_peft(str(tmp_path / "adapter"), lcfg, params, collections, base_dir)
+  assert (saved["peft_type"], saved["r"], saved["save_projection"]) == ("VERA", 4, True)
+  peft_model = peft.PeftModel.from_pretrained(make_hf_model("qwen2"), str(tmp_path / "adapter")).eval()
+  assert isinstance(peft_model.peft_config["default"], peft.VeraConfig)
+  assert tuple(peft_model.base_model.vera_A["default"].shape) == (4, 64)  # one shared [R, max in] ...
+  assert tuple(peft_model.base_model.vera_B["default"].shape) == (64, 4)  # ... and [max out, R]
+  assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max() < 1e-4
+  lcfg, variables = with_trained_lora(cfg, params, targets=("q", "embed"), variant="vera")
+  with pytest.raises(ValueError, match="VeRA adapter in PEFT's layout covers the Dense targets only.*'embed'"):
+    hf_export.save_peft(str(tmp_path / "no"), lcfg, params, {"lora": variables["lora"],
+                                                              "lora_init": variables["lora_init"]})
+
+
+def test_adapter_export_refuses_a_variant_without_a_peft_layout_by_name(tmp_path, monkeypatch):
+  cfg = hf.config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 11, "hidden_size": 8,
+                           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2})
+  monkeypatch.setitem(lora_lib.VARIANTS, "lora_fa", dataclasses.replace(lora_lib.LORA, peft=None))
+  lcfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(rank=2, variant="lora_fa"))
+  params = helpers.tiny_params(lcfg)
+  cols = lora_lib.init(lcfg.lora, params, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="variant 'lora_fa' has no Hugging Face PEFT adapter layout"):
+    hf_export.save_peft(str(tmp_path / "a"), lcfg, params, cols)
+  monkeypatch.delitem(lora_lib.VARIANTS, "lora_fa")  # a config whose variant is no longer registered
+  with pytest.raises(ValueError, match="LoRA variant 'lora_fa' is not registered in lora.VARIANTS"):
+    hf_export.save_peft(str(tmp_path / "a"), lcfg, params, cols)
+  assert not (tmp_path / "a").exists()
 
 
 def test_export_refuses_what_the_architecture_cannot_express():

@@ -43,6 +43,33 @@ def test_sharded_logits_and_lora_grads_equal_single_device(axes):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_vera_frozen_projections_shard_by_their_entry_and_match_single_device():
+  cfg = helpers.with_lora(model_lib.tiny_config(vocab_size=264), rank=4, variant="vera")
+  params = helpers.tiny_params(cfg, gain=1.0)
+  cols = helpers.perturbed_lora(cfg, params, scale=0.5)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (8, 16), 0, cfg.vocab_size))
+
+  def loss(lora, frozen, tokens):
+    logits, _ = model_lib.Transformer(cfg).apply({**frozen, "lora": lora}, tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 1])
+  frozen = {"params": params, "lora_init": cols["lora_init"]}
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(cols["lora"], frozen, tokens)
+
+  mesh = sharding.make_mesh(data=2, model=4)
+  sh = sharding.lora_shardings(cfg, mesh)
+  assert sh["lora_init"]["layer_0"]["mlp"]["up"]["b"].spec == jax.sharding.PartitionSpec(None, "model")
+  assert sh["lora"]["layer_0"]["mlp"]["up"]["b"].spec == jax.sharding.PartitionSpec("model")
+  frozen_sh = {"params": sharding.param_shardings(cfg, mesh), "lora_init": sh["lora_init"]}
+  with sharding.activation_rules(mesh):
+    got_loss, grads = jax.jit(jax.value_and_grad(loss))(jax.device_put(cols["lora"], sh["lora"]),
+                                                        jax.device_put(frozen, frozen_sh),
+                                                        sharding.global_batch({"t": tokens}, mesh)["t"])
+  np.testing.assert_allclose(got_loss, ref_loss, atol=1e-5)
+  assert float(jnp.abs(ref_grads["layer_0"]["attn"]["q"]["d"]).max()) > 1e-4
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_params_initialised_straight_into_shards():
   cfg = model_lib.tiny_config(vocab_size=264)
   mesh = sharding.make_mesh(data=2, model=4)

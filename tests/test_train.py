@@ -290,7 +290,8 @@ def test_loraplus_scales_only_the_b_updates():
   grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), trainable)
   updates = {}
   for ratio in (None, 16.0):
-    tx = optim.make(optim.OptimConfig(learning_rate=1e-3, loraplus_ratio=ratio, clip_norm=None), 10, trainable)
+    tx = optim.make(optim.OptimConfig(learning_rate=1e-3, loraplus_ratio=ratio, clip_norm=None), 10, trainable,
+                    cfg.lora)
     updates[ratio], _ = tx.update(grads, tx.init(trainable), trainable)
   q_plain, q_plus = updates[None]["lora"]["layer_0"]["attn"]["q"], updates[16.0]["lora"]["layer_0"]["attn"]["q"]
   np.testing.assert_allclose(q_plain["b"], -1e-3, rtol=1e-5)  # Adam's first step: lr * sign(g)
@@ -298,6 +299,11 @@ def test_loraplus_scales_only_the_b_updates():
   np.testing.assert_allclose(q_plus["a"], q_plain["a"], rtol=1e-6)
   with pytest.raises(ValueError, match="no LoRA B matrices"):
     optim.make(optim.OptimConfig(loraplus_ratio=4.0), 10, {"params": params})
+  vera = helpers.with_lora(cfg, rank=4, variant="vera")  # VeRA's d and b are no B matrices: LoRA+ refuses it
+  with pytest.raises(ValueError, match="no LoRA B matrices.*variant: 'vera'"):
+    optim.make(optim.OptimConfig(loraplus_ratio=4.0), 10,
+               train.split_variables("peft", params, lora_lib.init(vera.lora, params, jax.random.PRNGKey(0)))[0],
+               vera.lora)
 
 
 def test_adafactor_and_bf16_compute_train_with_float32_state(tmp_path):
