@@ -123,6 +123,20 @@ def cot_pairs(n: int, seed: int, i_beta: list[dict]) -> list[tuple[str, str]]:
   return out
 
 
+def one_hop(rng: random.Random, ex: dict) -> tuple[str, str]:
+  """An English one-hop question about one fact of the passage (or about someone it does not mention)."""
+  facts = [s.strip() + '.' for s in ex['context'].split('.') if s.strip()]
+  fact = rng.choice(facts).rstrip('.').split()
+  if fact[1] == 'is':  # "P is the REL of X." -> who is the REL of X?
+    question, answer = f'Who is the {fact[3]} of {fact[5]}?', fact[0]
+  else:  # "P lives in C." -> where does P live?
+    question, answer = f'Where does {fact[0]} {fact[1].removesuffix("s")}?', fact[3]
+  if rng.random() < 0.2:  # a question about someone the passage does not mention
+    absent = rng.choice([nm for nm in NAMES if nm not in ex['context']])
+    question, answer = f'Where does {absent} {rng.choice(ATTRIBUTES)}?', NO_ANSWER
+  return f'{IT_INSTRUCTION}\n\nQuestion: {question}\nPassage: {ex["context"]}\nAnswer:', answer
+
+
 def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
   """τ's instruction tuning (other tasks, the instruction style): English one-hop questions over the passages,
   and copying out what a passage says about someone (the copying every extractive answer needs)."""
@@ -133,17 +147,15 @@ def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
       person = rng.choice(facts).split()[0]
       said = ' '.join(f for f in facts if person in f.split())
       out.append((f'{COPY_INSTRUCTION}\n\nPerson: {person}\nPassage: {ex["context"]}\nSentences:', said))
-      continue
-    fact = rng.choice(facts).rstrip('.').split()
-    if fact[1] == 'is':  # "P is the REL of X." -> who is the REL of X?
-      question, answer = f'Who is the {fact[3]} of {fact[5]}?', fact[0]
-    else:  # "P lives in C." -> where does P live?
-      question, answer = f'Where does {fact[0]} {fact[1].removesuffix("s")}?', fact[3]
-    if rng.random() < 0.2:  # a question about someone the passage does not mention
-      absent = rng.choice([nm for nm in NAMES if nm not in ex['context']])
-      question, answer = f'Where does {absent} {rng.choice(ATTRIBUTES)}?', NO_ANSWER
-    out.append((f'{IT_INSTRUCTION}\n\nQuestion: {question}\nPassage: {ex["context"]}\nAnswer:', answer))
+    else:
+      out.append(one_hop(rng, ex))
   return out
+
+
+def reading_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+  """Held-out one-hop English questions in τ's instruction style: how well the instruction-tuned τ reads."""
+  rng = random.Random(seed)
+  return [one_hop(rng, ex) for ex in examples(n, seed)]
 
 
 def tokenizer_lines(extra_texts=()) -> list[str]:
@@ -160,12 +172,17 @@ def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -
   """A BPE SentencePiece model with seqio's ids (pad 0, eos 1, unk 2, no bos); returns the .model path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+  # One rule (no-break space -> space) so the model carries a normalisation charsmap: with none, every load of
+  # the tokenizer (seqio loads it once per task) logs "precompiled_charsmap is empty" from inside TF Text.
+  rule = prefix + '_normalization.tsv'
+  with open(rule, 'w', encoding='utf-8') as f:
+    f.write('A0\t20\n')
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
                                  character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                  model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2,
                                  # keep newlines, as real checkpoints' tokenizers do: prompts are line-structured
-                                 normalization_rule_name='identity', remove_extra_whitespaces=False,
+                                 normalization_rule_tsv=rule, remove_extra_whitespaces=False,
                                  user_defined_symbols=['\n'])
   with open(prefix + '.model', 'wb') as f:
     f.write(model.getvalue())
