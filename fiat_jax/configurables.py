@@ -4,7 +4,7 @@ A gin file may name any of them (`@vocab.vocabulary()`, `Experiment`, `HttpBeta`
 mode reads it: serving β, writing rationales, training τ or planning memory.
 """
 # pylint: disable=unused-import
-from fiat_jax import data  # register_tasks
+from fiat_jax import data  # TaskData
 from fiat_jax import hf  # model_config
 from fiat_jax import infer  # infer
 from fiat_jax import lora  # LoraConfig

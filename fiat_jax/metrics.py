@@ -81,20 +81,6 @@ def _same_length(a: Sequence, b: Sequence) -> None:
     raise ValueError(f'{len(a)} targets but {len(b)} predictions: counts must match')
 
 
-# seqio-compatible metric fns: metric_fn(targets, predictions) -> dict.
-def squad_metric_fn(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  return squad(targets, predictions)
-
-
-def accuracy_metric_fn(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  return {'accuracy': accuracy(targets, predictions)}
-
-
-def auc_pr_score_metric_fn(targets: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
-  """Score-based: targets are label words, scores are logp(yes) - logp(no) per example."""
-  return {'auc_pr': auc_pr([t == POSITIVE_LABEL for t in targets], scores)}
-
-
 def per_language(languages: Sequence[str], fn: Callable[[np.ndarray], Mapping[str, float]]
                  ) -> dict[str, dict[str, float]]:
   """fn(indices of one language) for every language, in first-seen order, with counts."""
@@ -237,19 +223,6 @@ def _align(rows: list[dict], examples: list[dict], predictions: str, gold: str) 
   return [by_id[ex['id']] for ex in examples]
 
 
-def _label_of(value, path: str, line: int) -> bool:
-  """A label prediction: true/false, "yes"/"no" or the gold's own "True"/"False" (any case)."""
-  if isinstance(value, bool):
-    return value
-  word = value.strip().lower() if isinstance(value, str) else None
-  if word in (POSITIVE_LABEL, 'true'):
-    return True
-  if word in (NEGATIVE_LABEL, 'false'):
-    return False
-  raise readers.DataError(f"{path}:{line}: field 'prediction': expected "
-                          f'{POSITIVE_LABEL!r}/{NEGATIVE_LABEL!r}, "True"/"False" or true/false, got {value!r}')
-
-
 def score_files(task: str, gold: str, predictions: str, *, split: str = 'test',
                 languages: Optional[Sequence[str]] = None, seed: int = 0,
                 n_resamples: int = 1000) -> dict:
@@ -260,29 +233,28 @@ def score_files(task: str, gold: str, predictions: str, *, split: str = 'test',
   else:
     examples = readers.read_file(task, gold)
   rows = _align(read_predictions(predictions), examples, predictions, gold)
-  langs = [ex['language'] for ex in examples]
-  kw = dict(seed=seed, n_resamples=n_resamples)
-  if task == 'xtreme_up_xqa':
-    preds = []
-    for row in rows:
-      if not isinstance(row['prediction'], str):
-        raise readers.DataError(f"{predictions}:{row['_line']}: field 'prediction': not a string")
-      preds.append(row['prediction'])
-    return score_xtreme_up([ex['target'] for ex in examples], preds, langs, **kw)
-  preds = [_label_of(row['prediction'], predictions, row['_line']) for row in rows]
+  import tasks  # pylint: disable=g-import-not-at-top  (the task definitions import this module)
+  definition = tasks.definition(task)
+  preds = [definition.file_prediction(row['prediction'], predictions, row['_line']) for row in rows]
+  scores = _file_scores(rows, predictions) if definition.SCORE_METRIC_FNS else None
+  return definition.score(examples, preds, scores, seed=seed, n_resamples=n_resamples)
+
+
+def _file_scores(rows: list[dict], predictions: str) -> Optional[list[float]]:
+  """The rows' 'score' fields (a score-based metric's input): on every line or on none."""
   with_score = [row for row in rows if 'score' in row]
   if with_score and len(with_score) != len(rows):
     missing = next(row['_line'] for row in rows if 'score' not in row)
     raise readers.DataError(f"{predictions}:{missing}: field 'score': missing (other lines have one)")
-  scores = None
-  if with_score:
-    scores = []
-    for row in rows:
-      if isinstance(row['score'], bool) or not isinstance(row['score'], (int, float)) \
-          or not math.isfinite(row['score']):
-        raise readers.DataError(f"{predictions}:{row['_line']}: field 'score': not a finite number")
-      scores.append(float(row['score']))
-  return score_xor_attriqa([ex['label'] for ex in examples], preds, langs, scores, **kw)
+  if not with_score:
+    return None
+  scores = []
+  for row in rows:
+    if isinstance(row['score'], bool) or not isinstance(row['score'], (int, float)) \
+        or not math.isfinite(row['score']):
+      raise readers.DataError(f"{predictions}:{row['_line']}: field 'score': not a finite number")
+    scores.append(float(row['score']))
+  return scores
 
 
 def _finite(tree):

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Optional
 
+import tasks
+
 SETTINGS = ('xor_attriqa', 'xtreme_up_indic', 'xtreme_up_full', 'miniature')
 SETTING_TITLES = {'xor_attriqa': 'XOR-AttriQA O(100) Acc / AUC-PR', 'xtreme_up_indic': 'XTREME-UP Indic O(1000) F1',
                   'xtreme_up_full': 'XTREME-UP Full O(10000) F1', 'miniature': 'Miniature (demo) F1'}
@@ -45,16 +47,17 @@ def load_runs(runs_dir: str) -> dict[tuple, dict]:
 
 
 def headline(result: dict) -> dict[str, dict]:
-  """{'acc'|'auc_pr'|'f1': {'value', 'ci95'}} of one test result (metrics.score_*)."""
-  if result.get('task') == 'xor_attriqa':
-    h = result['headline']
-    out = {'acc': h['accuracy_mean_over_languages']}
-    if h.get('auc_pr_mean_over_languages'):
-      out['auc_pr'] = h['auc_pr_mean_over_languages']
-    return out
-  if result.get('headline'):
-    return {'f1': {'value': result['headline']['value'], 'ci95': result['headline'].get('ci95')}}
-  return {'f1': {'value': result['mean_over_languages']['f1'], 'ci95': None}}
+  """{'acc'|'auc_pr'|'f1': {'value', 'ci95'}} of one test result (its task's definition picks the figures)."""
+  return tasks.definition(result['task']).headline(result)
+
+
+def _definition(runs: dict, setting: str):
+  """The data set definition of a setting's runs (their test results name the task); None without runs."""
+  return next((tasks.definition(m['test']['task']) for (s, _, _), m in runs.items() if s == setting), None)
+
+
+def _metric_title(definition) -> str:
+  return {'f1': 'F1'}.get(definition.LANGUAGE_METRIC, definition.LANGUAGE_METRIC)
 
 
 def _fmt(v: Optional[dict], ci: bool = True) -> str:
@@ -84,7 +87,8 @@ def _value(runs, setting, row, size, key):
 
 def gain_cell(runs: dict, setting: str, size: str) -> str:
   """FIAT minus the better of ICL and fine-tuning of the same τ size (FIDELITY.md)."""
-  keys = ('acc', 'auc_pr') if setting == 'xor_attriqa' else ('f1',)
+  definition = _definition(runs, setting)
+  keys = definition.HEADLINE_KEYS if definition else ()
   parts = []
   for key in keys:
     fiat = _value(runs, setting, 'fiat', size, key)
@@ -171,7 +175,10 @@ def figure6_gains(runs: dict) -> list[tuple[str, str, dict]]:
   """(setting, τ size, {base: ({language: gain}, headline gain)}): the metric with I_τ minus without, per base."""
   out = []
   for setting in SETTINGS:
-    lang_key, head_key = ('accuracy', 'acc') if setting == 'xor_attriqa' else ('f1', 'f1')
+    definition = _definition(runs, setting)
+    if definition is None:
+      continue
+    lang_key, head_key = definition.LANGUAGE_METRIC, definition.HEADLINE_KEYS[0]
     for size in SIZES:
       gains = {}
       for base, with_row, without_row in FIGURE6_PAIRS:
@@ -226,7 +233,7 @@ def figure6(runs: dict, path: str) -> bool:
     ax.axhline(0, color='grey', lw=0.8)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=7)
-    ax.set_ylabel(('accuracy' if setting == 'xor_attriqa' else 'F1') + ' gain from I_τ')
+    ax.set_ylabel(f'{_metric_title(_definition(runs, setting))} gain from I_τ')
     ax.set_title(f'{setting}, τ {size}', fontsize=9)
     ax.legend(fontsize=7)
   fig.suptitle('Figure 6: instruction-augmented tuning on an instruction-tuned and a plain τ')
@@ -330,7 +337,10 @@ def figure5(runs: dict, path: str) -> bool:
   fig, ax = plt.subplots(figsize=(6, 4.5))
   drawn = False
   for setting in SETTINGS:
-    metric = 'accuracy' if setting == 'xor_attriqa' else 'f1'
+    definition = _definition(runs, setting)
+    if definition is None:
+      continue
+    metric = definition.LANGUAGE_METRIC
     for size in SIZES:
       for row, label, style in (('wo_cot', 'with instructions', '-'), ('wo_instruction', 'without', '--')):
         m = runs.get((setting, row, size))

@@ -69,7 +69,7 @@ class Recipe:
 
   @property
   def data_recipe(self) -> str:
-    """The task suffix data.register_tasks formats for these ingredients."""
+    """The suffix of the seqio tasks (`import tasks`) that format these ingredients."""
     if self.rationale == 'distilled':
       return 'distilled_cot'
     return {('input', True): 'fiat', ('none', True): 'no_cot', ('input', False): 'no_instruction',
@@ -186,17 +186,18 @@ class Beta:
 
 def decode(model, variables, vocab, examples: list[dict], dataset: str, *, max_decode_tokens: int,
            batch_size: int, bos_id: int) -> dict:
-  """τ's postprocessed answers and scores: logp(yes) - logp(no) (XOR-AttriQA), else the answer's logprob."""
+  """τ's postprocessed answers and scores: logp(yes) - logp(no) where the task scores label words, else the
+  answer's logprob."""
   definition = tasks.definition(dataset)
   prompts = [[bos_id] + list(ex['inputs']) for ex in examples]
   res = decoding.generate(model, variables, prompts, max_new_tokens=max_decode_tokens, eos_id=vocab.eos_id,
                           pad_id=vocab.pad_id, batch_size=batch_size)
   raw = [vocab.decode(t) for t in res.tokens]
-  if dataset == 'xor_attriqa':
+  if definition.SCORE_WORDS:  # logp(first word) - logp(second word): the score-based metric's input
     label = lambda word: list(vocab.encode(word)) + [vocab.eos_id]
-    yes = decoding.score(model, variables, prompts, [label('yes')] * len(prompts), vocab.pad_id, batch_size)
-    no = decoding.score(model, variables, prompts, [label('no')] * len(prompts), vocab.pad_id, batch_size)
-    scores = [float(y - n) for y, n in zip(yes, no)]
+    first, second = (decoding.score(model, variables, prompts, [label(word)] * len(prompts), vocab.pad_id,
+                                    batch_size) for word in definition.SCORE_WORDS)
+    scores = [float(a - b) for a, b in zip(first, second)]
   else:
     scores = [float(sum(lp)) for lp in res.logprobs]
   return {'predictions': [definition.postprocess(r) for r in raw], 'raw': raw, 'scores': scores}
@@ -205,31 +206,18 @@ def decode(model, variables, vocab, examples: list[dict], dataset: str, *, max_d
 def evaluate(model, variables, vocab, examples: list[dict], dataset: str, *, max_decode_tokens: int,
              batch_size: int, bos_id: int, bootstrap: int, seed: int) -> dict:
   """decode + the task's metrics (metrics.py) with per-language tables and bootstrap intervals."""
-  from fiat_jax import metrics  # pylint: disable=g-import-not-at-top
   out = decode(model, variables, vocab, examples, dataset, max_decode_tokens=max_decode_tokens,
                batch_size=batch_size, bos_id=bos_id)
-  langs = [ex['language'] for ex in examples]
-  kw = dict(seed=seed, n_resamples=max(bootstrap, 1))
-  if dataset == 'xor_attriqa':
-    labels = [ex['example']['label'] for ex in examples]
-    words = (metrics.POSITIVE_LABEL, metrics.NEGATIVE_LABEL)
-    unparsed = sum(p not in words for p in out['predictions'])
-    preds = [p == metrics.POSITIVE_LABEL if p in words else not y for p, y in zip(out['predictions'], labels)]
-    result = metrics.score_xor_attriqa(labels, preds, langs, out['scores'], **kw)
-  else:
-    unparsed = sum(not p for p in out['predictions'])
-    result = metrics.score_xtreme_up([ex['example']['target'] for ex in examples], out['predictions'], langs, **kw)
-  return dict(out, result=result, unparsed=unparsed)
+  definition = tasks.definition(dataset)
+  preds = [definition.tau_prediction(p) for p in out['predictions']]  # None: no answer, counted wrong
+  result = definition.score([ex['example'] for ex in examples], preds, out['scores'], seed=seed,
+                            n_resamples=max(bootstrap, 1))
+  return dict(out, result=result, unparsed=sum(p is None for p in preds))
 
 
 def flat(result: dict) -> dict:
-  """The headline numbers of a metrics.score_* result as {name: float} (what the trainer logs)."""
-  if result.get('task') == 'xor_attriqa':
-    out = {k.replace('_mean_over_languages', ''): v['value'] for k, v in result['headline'].items() if v}
-  else:
-    out = {'f1': (result.get('headline') or {}).get('value', result['mean_over_languages']['f1']),
-           'f1_all_languages': result['mean_over_languages']['f1'], 'em': result['mean_over_languages']['em']}
-  return {k: float(v) for k, v in out.items()}
+  """The headline numbers of a task's score result as {name: float} (what the trainer logs)."""
+  return tasks.definition(result['task']).flat(result)
 
 
 def headline(out: dict) -> dict:
@@ -304,12 +292,11 @@ def generate_rationales(exp: Experiment, beta: Beta, splits: Sequence[str]) -> O
 
 
 def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) -> str:
-  """Registers the seqio task that formats [I_τ ; x ; ŷ_β] -> y for the recipe; returns its mixture name."""
+  """Points the seqio tasks that format [I_τ ; x ; ŷ_β] -> y (`import tasks`) at the run's release, store, τ
+  vocabulary and inputs length; returns the recipe's mixture name."""
   exp.require('dataset', 'mixture', 'data_dir')
-  needs_store = recipe.rationale != 'none'
-  data.register_tasks(exp.dataset, exp.data_dir, vocab, exp.store_dir if needs_store else None,
-                      recipes=(recipe.data_recipe,), languages=exp.languages, inputs_length=exp.inputs_length,
-                      rationale_field=recipe.rationale_field)
+  data.use(data.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
+                         exp.inputs_length, exp.languages, rationale_field=recipe.rationale_field))
   return f'{exp.mixture}_{recipe.data_recipe}'
 
 
@@ -501,7 +488,7 @@ def evaluate_run(exp: Experiment, recipe: Recipe, split: str = 'test', rationale
   else:
     raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
     stored = store.select(exp.store_dir or '', exp.dataset, raw).by_id(raw)
-    texts = data.attach_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
+    texts = data.stored_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
     texts = replace_rationales(raw, texts, rationales, exp.seed)
     examples = [tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(raw, texts)]
   out = evaluate(model, variables, vocab, examples, exp.dataset, max_decode_tokens=exp.max_decode_tokens,

@@ -6,6 +6,8 @@ import os
 import pytest
 
 from fiat_jax.beta import prompts
+from tasks import xor_attriqa
+from tasks import xtreme_up
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 
@@ -38,13 +40,13 @@ def test_candidate_answer_line_is_not_the_final_answer():
 @pytest.mark.parametrize("answer, label", [("Yes", True), ("yes, it is supported", True), ("No", False),
                                            ("Not supported", False), ("maybe", None), (None, None)])
 def test_attriqa_label(answer, label):
-  assert prompts.attriqa_label(answer) is label
+  assert xor_attriqa.beta_prediction(answer) is label
 
 
 @pytest.mark.parametrize("answer, prediction", [("No Answer", "No Answer"), ("no answer.", "No Answer"),
-                                                ("Unanswerable", "No Answer"), ("1913", "1913"), (None, "")])
+                                                ("Unanswerable", "No Answer"), ("1913", "1913"), (None, None)])
 def test_xqa_answer(answer, prediction):
-  assert prompts.xqa_answer(answer) == prediction
+  assert xtreme_up.beta_prediction(answer) == prediction
 
 
 def test_render_plain_exact_text():

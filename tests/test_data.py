@@ -9,7 +9,6 @@ import sentencepiece as spm
 
 from fiat_jax import data
 from fiat_jax import readers
-from tasks import xtreme_up
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 XQA = os.path.join(TESTDATA, 'xtreme_up')
@@ -17,22 +16,23 @@ VOCAB = seqio.ByteVocabulary()
 LENGTHS = {'inputs': 256, 'targets': 40}
 
 
-def _register(data_dir=XQA, **kwargs):
-  xtreme_up.register(data_dir, VOCAB, recipes=('finetune',), **kwargs)
+def _register(data_dir=XQA, inputs_length=None):
+  data.use(data.TaskData(data_dir, vocabulary=VOCAB, inputs_length=inputs_length))
 
 
 def test_passage_is_cut_first_from_its_end():
   _register(inputs_length=150)
-  rows, stats = data._task_rows('xtreme_up_xqa_hi_finetune', 'train')
+  rows = data._tokenized('xtreme_up_xqa_hi_finetune', 'train')
+  stats = data.truncation_stats('xtreme_up_xqa_hi_finetune', 'train')
   originals = readers.read_split('xtreme_up_xqa', XQA, 'train', ['hi'])
   cuts = []
   for row, ex in zip(rows, originals):
     full = data.format_inputs('xtreme_up_xqa', ex, 'finetune')
-    n = len(VOCAB.encode(row['inputs']))
-    assert n <= 150
+    n = len(VOCAB.encode(row['inputs_pretokenized']))
+    assert n <= 150 and row['tokens_cut'] == len(full.encode('utf-8')) - 150
     head = f'question: {ex["question"]} title: {ex["title"]} context: '
-    assert row['inputs'].startswith(head)  # Question and title intact.
-    assert ex['context'].startswith(row['inputs'][len(head):])  # A prefix of the passage.
+    assert row['inputs_pretokenized'].startswith(head)  # Question and title intact.
+    assert ex['context'].startswith(row['inputs_pretokenized'][len(head):])  # A prefix of the passage.
     # Bytes are tokens and the passages are ASCII: exactly the excess is cut.
     assert len(VOCAB.encode(full)) - n == len(full.encode('utf-8')) - 150
     cuts.append(len(full.encode('utf-8')) - 150)
@@ -41,8 +41,9 @@ def test_passage_is_cut_first_from_its_end():
   mixture = data.truncation_stats('xtreme_up_xqa_indic_finetune', 'train')
   assert mixture['examples'] == 7 and mixture['truncated'] == 7
   _register(inputs_length=60)
-  with pytest.raises(readers.DataError, match=r'without any passage, more than inputs_length=60'):
-    data._task_rows('xtreme_up_xqa_hi_finetune', 'train')
+  with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_hi_finetune train example .* without any passage, '
+                                              r'more than inputs_length=60'):
+    data._tokenized('xtreme_up_xqa_hi_finetune', 'train')
 
 
 def test_truncation_with_sentencepiece(tmp_path):
@@ -117,7 +118,7 @@ def test_too_long_examples_are_an_error_not_a_silent_trim():
   _register()
   with pytest.raises(readers.DataError, match=r'7 examples longer than feature_lengths') as e:
     data.train_batches('xtreme_up_xqa_indic_finetune', 'train', {'inputs': 50, 'targets': 40}, 2, seed=0)
-  assert 'register with inputs_length' in str(e.value)
+  assert 'set TaskData.inputs_length' in str(e.value)
 
 
 def test_fingerprint_and_eval_examples(tmp_path):

@@ -40,11 +40,11 @@ def test_squad_f1_em(target, prediction, f1, em):
   assert metrics.squad_em(target, prediction) == em
 
 
-def test_squad_means_and_metric_fn():
+def test_squad_means():
   targets = ['the Mughal emperor Shah Jahan', 'No Answer', 'No Answer', '', 'x y y z']
   predictions = ['Shah Jahan', 'no answer.', 'Shah Jahan', '', 'y y y']
   expected = {'f1': (2 / 3 + 1 + 0 + 0 + 4 / 7) / 5 * 100, 'em': 40.0}
-  result = metrics.squad_metric_fn(targets, predictions)
+  result = metrics.squad(targets, predictions)
   assert result['f1'] == pytest.approx(expected['f1'], abs=1e-9)
   assert result['em'] == pytest.approx(expected['em'], abs=1e-9)
   with pytest.raises(ValueError, match='5 targets but 4 predictions'):
@@ -52,15 +52,13 @@ def test_squad_means_and_metric_fn():
 
 
 def test_accuracy_and_auc_pr_with_ties():
-  assert metrics.accuracy_metric_fn(['yes', 'no', 'no'], ['yes', 'yes', 'no']) == {
-      'accuracy': pytest.approx(200 / 3)}
+  assert metrics.accuracy(['yes', 'no', 'no'], ['yes', 'yes', 'no']) == pytest.approx(200 / 3)
   # Tied scores form one threshold: P@{0.9}=1 at recall 1/2, P@{0.5}=2/3 at recall 1.
   assert metrics.auc_pr([True, False, True, False], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(
       100 * (0.5 * 1 + 0.5 * 2 / 3))
   assert metrics.auc_pr([True, False, False, True], [0.0] * 4) == pytest.approx(50.0)  # All tied.
   assert math.isnan(metrics.auc_pr([False, False], [0.3, 0.1]))
-  assert metrics.auc_pr_score_metric_fn(['yes', 'no', 'yes'], [0.2, 0.4, 0.9]) == {
-      'auc_pr': pytest.approx(100 * (0.5 * 1 + 0.5 * 2 / 3))}
+  assert metrics.auc_pr([True, False, True], [0.2, 0.4, 0.9]) == pytest.approx(100 * (0.5 * 1 + 0.5 * 2 / 3))
 
 
 def test_xtreme_up_tables_headline_and_ci():

@@ -1,7 +1,9 @@
 """seqio task registration: names, mixtures, I_tau formats per recipe, rationale attachment."""
+import json
 import os
 import re
 
+import gin
 import pytest
 import seqio
 
@@ -25,27 +27,81 @@ def write_store(store_dir, dataset, data_dir, splits=readers.SPLITS, replies=Non
   return store_helpers.write_store(store_dir, dataset, data_dir, beta, splits, **kw)
 
 
-def test_names_mixtures_and_idempotence():
-  names = xtreme_up.register(XQA, VOCAB, recipes=('no_cot', 'finetune'))
-  assert names[:9] == [f'xtreme_up_xqa_{lang}_no_cot' for lang in
-                       ('as', 'hi', 'mr', 'bn', 'fi', 'ja', 'ru', 'te')] + ['xtreme_up_xqa_indic_no_cot']
-  assert names[9] == 'xtreme_up_xqa_full_no_cot' and len(names) == 20
-  indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_finetune')
-  assert [t.name for t in indic.tasks] == [f'xtreme_up_xqa_{lang}_finetune' for lang in ('as', 'hi', 'mr')]
-  assert len(seqio.get_mixture_or_task('xtreme_up_xqa_full_finetune').tasks) == 8
-  # Examples-proportional rates: hi has 3 train examples, as and mr 2.
-  assert [indic.get_rate(t) for t in indic.tasks] == [2.0, 3.0, 2.0]
-  task = seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot')
-  assert xtreme_up.register(XQA, VOCAB, recipes=('no_cot', 'finetune')) == names
-  assert seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot') is task  # Not re-created.
-  xtreme_up.register(XQA, VOCAB, recipes=('no_cot',), inputs_length=4000)  # New arguments.
-  new = seqio.get_mixture_or_task('xtreme_up_xqa_hi_no_cot')
-  assert new is not task and seqio.get_mixture_or_task('xtreme_up_xqa_indic_no_cot').tasks[1] is new
+def test_import_registers_every_task_and_mixture_read_at_dataset_time():
   assert tasks.definition('xor_attriqa') is xor_attriqa
-  with pytest.raises(ValueError, match="recipe 'fiat' needs rationale_dir"):
-    xtreme_up.register(XQA, VOCAB, recipes=('fiat',))
-  with pytest.raises(ValueError, match="unknown recipe 'cot'"):
-    xtreme_up.register(XQA, VOCAB, recipes=('cot',))
+  assert len(tasks.NAMES) == (5 + 1) * 5 + (27 + 2) * 5  # languages + mixtures, times the 5 recipes
+  assert {'xor_attriqa_bn_fiat', 'xor_attriqa_fiat', 'xtreme_up_xqa_ur_distilled_cot',
+          'xtreme_up_xqa_indic_no_cot', 'xtreme_up_xqa_full_finetune'} <= set(tasks.NAMES)
+  indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_finetune')
+  assert len(indic.tasks) == 20
+  data.use(data.TaskData(XQA, vocabulary=VOCAB))
+  assert data.task_names('xtreme_up_xqa_indic_finetune') == [f'xtreme_up_xqa_{lang}_finetune'
+                                                             for lang in ('as', 'hi', 'mr')]
+  assert len(data.task_names('xtreme_up_xqa_full_finetune')) == 8  # the languages the release's train split has
+  # Examples-proportional rates: hi has 3 train examples, as and mr 2, the languages without a file none.
+  rates = {t.name: indic.get_rate(t) for t in indic.tasks}
+  assert [rates[f'xtreme_up_xqa_{lang}_finetune'] for lang in ('as', 'hi', 'mr')] == [2.0, 3.0, 2.0]
+  assert sum(rates.values()) == 7.0
+  data.use(data.TaskData(XQA, vocabulary=VOCAB, languages=['hi', 'bn']))
+  assert data.task_names('xtreme_up_xqa_indic_no_cot') == ['xtreme_up_xqa_hi_no_cot']
+  with pytest.raises(ValueError, match=r"TaskData.store_dir is not set \(recipe 'fiat' needs the rationale store\)"):
+    data.eval_examples('xtreme_up_xqa_hi_fiat', 'train')
+  with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_ko_finetune train: no ko examples'):
+    data.eval_examples('xtreme_up_xqa_ko_finetune', 'train')
+  data.use(data.TaskData(XQA, vocabulary=VOCAB, languages=['xx']))
+  with pytest.raises(ValueError, match=r"unknown language\(s\) \['xx'\] for xtreme_up_xqa"):
+    data.task_names('xtreme_up_xqa_full_finetune')
+  with pytest.raises(ValueError, match="'cot' is no task or mixture"):
+    data.task_names('cot')
+
+
+def test_get_dataset_reads_release_store_and_vocabulary_from_gin(tmp_path):
+  """As T5X users do: `import tasks`, bind fiat_jax.data.TaskData in gin, seqio.get_mixture_or_task(...)."""
+  store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
+  data.use(None)
+  try:
+    gin.parse_config([f"fiat_jax.data.TaskData.data_dir = '{XOR}'", f"fiat_jax.data.TaskData.store_dir = '{store_dir}'",
+                      'fiat_jax.data.TaskData.inputs_length = 2000'])
+    gin.bind_parameter('fiat_jax.data.TaskData.vocabulary', VOCAB)
+    mixture = seqio.get_mixture_or_task('xor_attriqa_fiat')
+    got = [(list(ex['inputs']), list(ex['targets'])) for task in mixture.tasks
+           for ex in task.get_dataset(None, split='validation', shuffle=False, num_epochs=1).as_numpy_iterator()]
+    expected = data.eval_examples('xor_attriqa_fiat', 'validation')
+    assert len(expected) == 5 and got == [
+        (want['inputs'], VOCAB.encode(want['targets_pretokenized']) + [VOCAB.eos_id]) for want in expected]
+    for want in expected:
+      rationale = store_helpers.rationale_for(want['example'], 'xor_attriqa')
+      assert f'{data.RATIONALE_HEADER} {rationale}\n' in want['inputs_pretokenized']
+    assert data.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 0,
+                                                                       'mean_tokens_cut': 0.0}
+    gin.parse_config(['fiat_jax.data.TaskData.inputs_length = 700'])  # read again when the dataset is built
+    assert data.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 2,
+                                                                       'mean_tokens_cut': 71.0}
+  finally:
+    gin.clear_config()
+  with pytest.raises(ValueError, match=r'TaskData.data_dir is not set \(xor_attriqa_bn_fiat reads the release\)'):
+    data.eval_examples('xor_attriqa_bn_fiat', 'validation')
+
+
+def test_tasks_score_with_their_own_definition():
+  """One definition per data set: β's answers, τ's outputs and prediction files score through tasks/<dataset>.py."""
+  examples = readers.read_split('xor_attriqa', XOR, 'validation')
+  assert [xor_attriqa.beta_prediction(a) for a in ('Yes.', '**No**', 'not attributable', 'maybe', None)] == [
+      True, False, False, None, None]
+  assert [xor_attriqa.tau_prediction(xor_attriqa.postprocess(o)) for o in (' Yes.', 'no', 'perhaps')] == [
+      True, False, None]
+  result = xor_attriqa.score(examples, [True, None, False, True, True], [1.0, 0.5, -1.0, 2.0, 0.0], n_resamples=10)
+  assert result['overall'] == {'accuracy': 60.0, 'auc_pr': 100.0}  # all 5 are attributable; None counts wrong
+  assert xor_attriqa.flat(result) == {'accuracy': 60.0, 'auc_pr': 100.0}
+  assert xtreme_up.beta_prediction('unanswerable.') == 'No Answer' and xtreme_up.beta_prediction('') is None
+  assert xtreme_up.vote_key(' The  Taj Mahal ') == 'the taj mahal'
+  xqa = readers.read_split('xtreme_up_xqa', XQA, 'test', ['hi'])
+  result = xtreme_up.score(xqa, ['No Answer', None, 'New Delhi'], n_resamples=10)
+  assert result['per_language']['hi'] == {'f1': pytest.approx(200 / 3), 'em': pytest.approx(200 / 3), 'n': 3}
+  assert xtreme_up.flat(result) == {'f1': pytest.approx(200 / 3), 'f1_all_languages': pytest.approx(200 / 3),
+                                    'em': pytest.approx(200 / 3)}
+  with pytest.raises(readers.DataError, match=r"p.jsonl:3: field 'prediction': expected 'yes'/'no'"):
+    xor_attriqa.file_prediction('maybe', 'p.jsonl', 3)
 
 
 def test_formats_per_recipe():
@@ -72,7 +128,7 @@ def test_formats_per_recipe():
 def test_fiat_rationales_joined_by_id(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
   assert len({r['i_beta_version'] for r in store.read_records(store_dir)}) == 5  # I_β differs per language
-  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat', 'no_instruction'))
+  data.use(data.TaskData(XOR, store_dir, VOCAB))
   rows = data.eval_examples('xor_attriqa_fiat', 'validation')
   assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
   for r in rows:
@@ -109,7 +165,7 @@ def test_fiat_trains_on_a_store_written_by_a_local_beta_with_per_language_i_beta
     versions.setdefault(r['language'], set()).add(r['i_beta_version'])
   assert len(records) == 30 and all(len(v) == 1 for v in versions.values())
   assert len(set.union(*versions.values())) == 5
-  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  data.use(data.TaskData(XOR, store_dir, VOCAB))
   rows = data.eval_examples('xor_attriqa_fiat', 'train')
   by_id = {r['example_id']: r for r in records if r['split'] == 'train'}
   assert len(rows) == 10
@@ -121,16 +177,18 @@ def test_missing_rationales_are_counted_and_listed(tmp_path):
   train = readers.read_split('xor_attriqa', XOR, 'train', ['fi'])
   skip = {train[0]['id']: None, train[1]['id']: None}  # β fails on these two
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, replies=skip)
-  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  data.use(data.TaskData(XOR, store_dir, VOCAB))
   data.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
   with pytest.raises(readers.DataError) as e:
     data.eval_examples('xor_attriqa_fi_fiat', 'train')
   assert "2 of 2 examples have no 'rationale' in the store" in str(e.value)
   assert train[0]['id'] in str(e.value) and train[1]['id'] in str(e.value)
   assert 'β failed on it (scripted: no reply)' in str(e.value)
+  write_store(store_dir, 'xor_attriqa', XOR)  # β answers them now: the store is read again
+  assert len(data.eval_examples('xor_attriqa_fi_fiat', 'train')) == 2
   # A record with an empty rationale is missing too, never an empty string.
   empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, replies={train[0]['id']: 'Answer: yes'})
-  xor_attriqa.register(XOR, VOCAB, empty, recipes=('fiat',))
+  data.use(data.TaskData(XOR, empty, VOCAB))
   with pytest.raises(readers.DataError, match=f"1 of 2 examples have no 'rationale' in the store: {train[0]['id']}"):
     data.eval_examples('xor_attriqa_fi_fiat', 'train')
 
@@ -144,7 +202,7 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
   other_files = files if change == 'beta' else store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa',
                                                                            tag=' v2')
   write_store(store_dir, 'xor_attriqa', XOR, splits=('test',), **other, **other_files)
-  xor_attriqa.register(XOR, VOCAB, store_dir, recipes=('fiat',))
+  data.use(data.TaskData(XOR, store_dir, VOCAB))
   with pytest.raises(readers.DataError, match='must come from one β, I_β and sampling') as e:
     data.eval_examples('xor_attriqa_bn_fiat', 'train')
   text = str(e.value)
@@ -160,8 +218,9 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
 
 def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, splits=('train',))
-  xtreme_up.register(XQA, VOCAB, store_dir, recipes=('distilled_cot',), languages=['mr'])
-  rows, _ = data._task_rows('xtreme_up_xqa_mr_distilled_cot', 'train')
+  data.use(data.TaskData(XQA, store_dir, VOCAB, languages=['mr']))
+  rows = [dict(r, inputs=r['inputs_pretokenized'], targets=r['targets_pretokenized'], example=json.loads(r['example']))
+          for r in data._tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
@@ -174,11 +233,28 @@ def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
 
 
 def test_seqio_task_tokenizes_and_carries_metrics():
-  xor_attriqa.register(XOR, VOCAB, recipes=('finetune',), languages=['bn'])
+  data.use(data.TaskData(XOR, vocabulary=VOCAB, languages=['bn']))
   task = seqio.get_mixture_or_task('xor_attriqa_bn_finetune')
   ex = next(task.get_dataset(None, split='test', shuffle=False).as_numpy_iterator())
   assert ex['inputs_pretokenized'].decode().startswith('question: বাংলাদেশের রাজধানী')
   assert list(ex['inputs']) == VOCAB.encode(ex['inputs_pretokenized'].decode())
   assert list(ex['targets']) == VOCAB.encode('yes') + [VOCAB.eos_id]
-  assert [f.__name__ for f in task.predict_metric_fns] == ['accuracy_metric_fn']
-  assert [f.__name__ for f in task.score_metric_fns] == ['auc_pr_score_metric_fn']
+  assert task.predict_metric_fns == [xor_attriqa.metric_fn] and task.score_metric_fns == [xor_attriqa.score_metric_fn]
+
+
+def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
+  """A seqio.Evaluator runs the task's own postprocess and metric fns: the numbers `fiat evaluate` (run.evaluate's
+  definition.score over τ's postprocessed outputs) and `fiat score` give."""
+  data.use(data.TaskData(XOR, vocabulary=VOCAB))
+  outputs, scores = ['Yes', 'no.', 'hmm'], [0.0, 1.0, 2.0]  # hmm: no label word, counted wrong
+  evaluator = seqio.Evaluator('xor_attriqa_bn_finetune', seqio.DecoderFeatureConverter(pack=False), eval_split='test',
+                              async_compute_metrics=False)
+  result, _ = evaluator.evaluate(
+      compute_metrics=True, predict_fn=lambda ds, *_: [(i, VOCAB.encode(outputs[i])) for i in range(3)],
+      score_fn=lambda ds, *_: [(i, scores[i]) for i in range(3)])
+  examples = readers.read_split('xor_attriqa', XOR, 'test', ['bn'])
+  assert [ex['label'] for ex in examples] == [True, False, True]
+  expected = xor_attriqa.flat(xor_attriqa.score(
+      examples, [xor_attriqa.tau_prediction(xor_attriqa.postprocess(o)) for o in outputs], scores, n_resamples=1))
+  assert result.result()['xor_attriqa_bn_finetune'] == expected == {'accuracy': pytest.approx(200 / 3),
+                                                                     'auc_pr': pytest.approx(250 / 3)}

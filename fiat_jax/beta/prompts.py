@@ -4,58 +4,27 @@ import hashlib
 import json
 import os
 import re
-from typing import Callable
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tasks",
                            "prompts")
 REASONING_CUE = "Reasoning:"  # beta continues from here in the plain-text rendering.
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-  """How one task's examples become beta inputs, and what beta's answer must look like."""
-  name: str
-  input_fields: tuple[str, ...]  # canonical example fields shown to beta, in order
-  field_labels: tuple[str, ...]  # their labels in the prompt
-  gold_answer: Callable[[dict], str]  # the exemplar's final answer text
-  per_language: bool  # exemplars chosen per language (XOR-AttriQA) or shared (XTREME-UP)
+def task_spec(task: str):
+  """The data set's definition (tasks/<dataset>.py): the fields β sees, the exemplars' answers and their language."""
+  import tasks  # pylint: disable=g-import-not-at-top  (tasks registers seqio tasks through fiat_jax.data)
+  return tasks.definition(task)
 
 
-def _yes_no(example: dict) -> str:
-  if not isinstance(example.get("label"), bool):
-    raise ValueError(f"exemplar {example.get('id')!r}: field 'label' must be true/false, got {example.get('label')!r}")
-  return "Yes" if example["label"] else "No"
-
-
-def _target(example: dict) -> str:
-  if not isinstance(example.get("target"), str) or not example["target"].strip():
-    raise ValueError(f"exemplar {example.get('id')!r}: field 'target' must be a non-empty string")
-  return example["target"]
-
-
-TASKS = {
-    "xor_attriqa": TaskSpec("xor_attriqa", ("question", "answer", "passage"),
-                            ("Question", "Candidate answer", "Passage"), _yes_no, per_language=True),
-    "xtreme_up_xqa": TaskSpec("xtreme_up_xqa", ("question", "title", "context"), ("Question", "Title", "Passage"),
-                              _target, per_language=False),
-}
-
-
-def task_spec(task: str) -> TaskSpec:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-  return TASKS[task]
-
-
-def content_hash(example: dict, spec: TaskSpec) -> str:
+def content_hash(example: dict, spec) -> str:
   """sha256 (first 16 hex) of the fields beta sees: finds an exemplar among held-out examples whatever its id."""
-  payload = json.dumps([example.get(f) for f in spec.input_fields], ensure_ascii=False)
+  payload = json.dumps([example.get(f) for f in spec.INPUT_FIELDS], ensure_ascii=False)
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def format_input(example: dict, spec: TaskSpec) -> str:
+def format_input(example: dict, spec) -> str:
   lines = []
-  for field, label in zip(spec.input_fields, spec.field_labels):
+  for field, label in spec.FIELDS:
     value = example.get(field)
     if not isinstance(value, str):
       raise ValueError(f"example {example.get('id')!r}: field {field!r} must be a string, got {type(value).__name__}")
@@ -94,8 +63,8 @@ def load_exemplars(task: str, path: str | None = None) -> list[dict]:
       if not isinstance(ex, dict):
         raise ValueError(f"{path}:{lineno}: expected a JSON object")
       given = ("id", "rationale")
-      if any(f in ex for f in spec.input_fields):  # a stand-alone exemplar: every field must be there
-        given += ("language",) + spec.input_fields
+      if any(f in ex for f in spec.INPUT_FIELDS):  # a stand-alone exemplar: every field must be there
+        given += ("language",) + spec.INPUT_FIELDS
       for field in given:
         if not isinstance(ex.get(field), str) or not ex[field].strip():
           raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
@@ -103,7 +72,7 @@ def load_exemplars(task: str, path: str | None = None) -> list[dict]:
         raise ValueError(f"{path}:{lineno}: 'rationale' must be one paragraph (a blank line ends beta's answer)")
       if "language" in given:
         try:
-          spec.gold_answer(ex)
+          spec.exemplar_answer(ex)
         except ValueError as e:
           raise ValueError(f"{path}:{lineno}: {e}") from None
       if ex["id"] in ids:
@@ -121,7 +90,7 @@ def resolve_exemplars(exemplars: list[dict], train: list[dict], task: str) -> li
   by_id = {ex["id"]: ex for ex in train}
   out = []
   for ex in exemplars:
-    if all(f in ex for f in spec.input_fields):
+    if all(f in ex for f in spec.INPUT_FIELDS):
       out.append(ex)
     elif ex["id"] in by_id:
       out.append({k: v for k, v in by_id[ex["id"]].items() if k != "raw"} | {"rationale": ex["rationale"],
@@ -146,7 +115,7 @@ def check_exemplars(exemplars: list[dict], heldout: list[dict], task: str, sourc
 
 def select_exemplars(exemplars: list[dict], task: str, language: str, source: str = "exemplars") -> list[dict]:
   """The exemplars I_beta uses for one language: its own (XOR-AttriQA) or all of them (XTREME-UP)."""
-  if not task_spec(task).per_language:
+  if not task_spec(task).EXEMPLARS_PER_LANGUAGE:
     return exemplars
   chosen = [ex for ex in exemplars if ex["language"] == language]
   if not chosen:
@@ -161,7 +130,7 @@ def i_beta_messages(instruction: str, exemplars: list[dict], task: str) -> list[
   messages = [{"role": "system", "content": instruction}]
   for ex in exemplars:
     messages.append({"role": "user", "content": format_input(ex, spec)})
-    messages.append({"role": "assistant", "content": format_output(ex["rationale"], spec.gold_answer(ex))})
+    messages.append({"role": "assistant", "content": format_output(ex["rationale"], spec.exemplar_answer(ex))})
   return messages
 
 
@@ -226,30 +195,3 @@ def parse_output(raw: str) -> Parsed:
     answer = _clean_answer(rest[0]) if rest else ""
   rationale = _LEAD.sub("", raw[:m.start()].strip()).strip()
   return Parsed(rationale, answer or None)
-
-
-_YES = {"yes", "true", "supported", "attributable", "correct"}
-_NO = {"no", "false", "not supported", "unsupported", "not attributable", "incorrect"}
-_NO_ANSWER = {"no answer", "noanswer", "none", "unanswerable", "not answerable", "n/a", "no answer found"}
-
-
-def attriqa_label(answer: str | None) -> bool | None:
-  """beta's XOR-AttriQA answer as a label: True (attributable), False, or None when it is neither."""
-  if answer is None:
-    return None
-  word = re.sub(r"[^\w\s/]", "", answer.lower()).strip()
-  first = word.split()[0] if word.split() else ""
-  if word in _YES or first == "yes":
-    return True
-  if word in _NO or first == "no":
-    return False
-  return None
-
-
-def xqa_answer(answer: str | None) -> str:
-  """beta's XTREME-UP answer as a prediction string: the span, 'No Answer', or '' when unparseable."""
-  if answer is None:
-    return ""
-  if re.sub(r"[^\w\s/]", "", answer.lower()).strip() in _NO_ANSWER:
-    return "No Answer"
-  return answer

@@ -49,7 +49,7 @@ def plan(task: str, examples: dict[str, list[dict]], splits, i_beta: dict[str, l
   for split in splits:
     for ex in examples[split]:
       lang = ex["language"]
-      content = {"split": split} | {f: ex[f] for f in spec.input_fields}
+      content = {"split": split} | {f: ex[f] for f in spec.INPUT_FIELDS}
       key = store.record_key(ex["id"], content, i_beta_texts[lang], beta_identity, sampling.to_dict())
       # The sampling seed depends on the example and the configured seed only: any backend draws the same.
       seed = (int(store.record_key(ex["id"], content, "", "", {})[:8], 16) + sampling.seed) % 2**31
@@ -59,12 +59,8 @@ def plan(task: str, examples: dict[str, list[dict]], splits, i_beta: dict[str, l
 
 
 def vote_key(answer: str | None, task: str):
-  """What self-consistency votes on: the label (XOR-AttriQA) or the normalised span (XTREME-UP)."""
-  if answer is None:
-    return None
-  if task == "xor_attriqa":
-    return prompts.attriqa_label(answer)
-  return " ".join(prompts.xqa_answer(answer).lower().split())
+  """What self-consistency votes on (the task's definition says: a label, a normalised span)."""
+  return None if answer is None else prompts.task_spec(task).vote_key(answer)
 
 
 def build_record(item: Item, comp: backends.Completion, task: str, beta: str, sampling: backends.Sampling,
@@ -186,7 +182,6 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
       None: the store's records, which must then come from one beta and I_beta per language.
   Unparseable answers and examples without a stored rationale count as wrong; both counts are reported.
   """
-  from fiat_jax import metrics  # pylint: disable=g-import-not-at-top
   from fiat_jax import readers  # pylint: disable=g-import-not-at-top
   examples = readers.read_split(task, data_dir, split, languages)
   identity, texts = None, None
@@ -197,15 +192,9 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
   chosen = store.select(store_dir, task, examples, beta=identity, i_beta_texts=texts)
   missing = [examples[i]["id"] for i in chosen.missing]
   answers = [r["answer"] if r is not None else None for r in chosen.records]
-  langs = [ex["language"] for ex in examples]
-  if task == "xor_attriqa":
-    labels = [ex["label"] for ex in examples]
-    parsed = [prompts.attriqa_label(a) for a in answers]
-    preds = [p if p is not None else not y for p, y in zip(parsed, labels)]  # no usable answer: wrong
-    result = metrics.score_xor_attriqa(labels, preds, langs)
-  else:
-    parsed = [prompts.xqa_answer(a) or None for a in answers]
-    result = metrics.score_xtreme_up([ex["target"] for ex in examples], [p or "" for p in parsed], langs)
+  definition = prompts.task_spec(task)
+  parsed = [definition.beta_prediction(a) for a in answers]
+  result = definition.score(examples, parsed)  # no usable answer: wrong
   result["icl"] = {"split": split, "store_dir": store_dir, "missing": len(missing),
                    "unparsed": sum(p is None for p in parsed) - len(missing)}
   if missing:

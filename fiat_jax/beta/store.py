@@ -183,7 +183,7 @@ def _mismatch(record: dict, example: dict, content_hash: str, task: str, beta: s
     return ("stored without input_hash (an older store) and this reader does not know its I_β text, so it cannot "
             "check that the input is the same: bind the β and I_β files, or ask β again into a new store")
   spec = prompts.task_spec(task)
-  content = {"split": record.get("split")} | {f: example.get(f) for f in spec.input_fields}
+  content = {"split": record.get("split")} | {f: example.get(f) for f in spec.INPUT_FIELDS}
   if record_key(example["id"], content, text, record.get("beta"), record.get("sampling")) != record.get("key"):
     return "stored for another input under the same id"
   return None
