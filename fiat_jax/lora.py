@@ -6,11 +6,10 @@ keeps at their initial values (PiSSA's initial factors, VeRA's random projection
 A variant is one `Variant` entry in VARIANTS: its tensors (with logical axes and init), forward, exact merge and
 unmerge, LoRA+ matrices and PEFT adapter layout. The model, trainer, optimizer, sharding and export read the entry,
 so adding a variant is adding an entry. `embed` / `unembed` targets use plain LoRA under every variant.
-`lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) have hand-written
-gradients, for speed and memory; a variant's own terms can be plain jnp code, which autodiff differentiates.
+`lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) come from ops.py,
+with hand-written gradients; a variant's own terms can be plain jnp code, which autodiff differentiates.
 """
 import dataclasses
-import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiat_jax import config_check
+from fiat_jax.ops import lora_dense, low_rank
 
 DENSE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBED_TARGETS = ("embed", "unembed")
@@ -69,61 +69,6 @@ def _get(module: nn.Module, collection: str, name: str):
 
 def _column_norm(w_IO):
   return jnp.sqrt(jnp.sum(jnp.square(w_IO.astype(jnp.float32)), axis=0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def low_rank(x, a_IR, b_RO, scale: float):
-  """(x a) b * scale, the LoRA product, with the scale applied to the small rank-R intermediate.
-
-  Its VJP is written out so that each gradient is one matmul against a rank-R factor or intermediate: autodiff of
-  the nested dots made XLA (CPU) write the input gradients of wide projections (gate, up) in transposed form, a
-  [F, B*L] copy per layer, and the LoRA backward pass cost more than the frozen matmuls beside it."""
-  return _low_rank_fwd(x, a_IR, b_RO, scale)[0]
-
-
-def _low_rank_fwd(x, a_IR, b_RO, scale):
-  h_R = jnp.dot(x, a_IR) * scale
-  return jnp.dot(h_R, b_RO), (x, a_IR, b_RO, h_R)
-
-
-def _low_rank_bwd(scale, res, g_O):
-  x, a_IR, b_RO, h_R = res
-  g_R = jnp.dot(g_O, b_RO.T) * scale
-  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
-  return (jnp.dot(g_R, a_IR.T), jnp.tensordot(g_R, x, (rows, rows)).T, jnp.tensordot(h_R, g_O, (rows, rows)))
-
-
-low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def lora_dense(x, xd, w_IO, a_IR, b_RO, scale: float):
-  """x W + (xd A) B · scale (xd: x after LoRA dropout, or x itself) as one matmul: [x, s xd A] @ [W; B].
-
-  One product writes the sum, so the layer keeps one [.., out] activation for the backward pass instead of the
-  base and LoRA outputs side by side (XLA fuses an add into each of its consumers and keeps both addends: for
-  the MLP's gate and up that was two extra [B*L, F] buffers per layer). The backward pass is again one product
-  over both: g [W; B]^T gives x's gradient and the rank-R intermediate's."""
-  return _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale)[0]
-
-
-def _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale):
-  h_R = jnp.dot(xd, a_IR) * scale
-  y = jnp.dot(jnp.concatenate([x, h_R], -1), jnp.concatenate([w_IO, b_RO], 0))
-  return y, (x, xd, w_IO, a_IR, b_RO, h_R)
-
-
-def _lora_dense_bwd(scale, res, g_O):
-  x, xd, w_IO, a_IR, b_RO, h_R = res
-  g_cat = jnp.dot(g_O, jnp.concatenate([w_IO, b_RO], 0).T)
-  g_x, g_R = g_cat[..., :x.shape[-1]], g_cat[..., x.shape[-1]:] * scale
-  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
-  # W's gradient is only computed where W trains (full tuning with LoRA); XLA drops it otherwise.
-  return (g_x, jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_O, (rows, rows)), jnp.tensordot(g_R, xd, (rows, rows)).T,
-          jnp.tensordot(h_R, g_O, (rows, rows)))
-
-
-lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
 
 
 # ---- The variants: one registry entry each ----------------------------------------------------------------------

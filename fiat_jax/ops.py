@@ -1,8 +1,9 @@
 """The decoder's compute kernels, each a plain reference beside the hand-written form the CPU step runs.
 
-`Config.kernels` picks the form: "reference" (plain jnp, autodiff gradients), "fused" (custom VJPs that keep fewer
-activations for the backward pass, and causal attention in query blocks) or "xla_attention" (attention by
-`jax.nn.dot_product_attention`, whose cuDNN / TPU lowerings suit accelerators; the MLP stays fused). Why each
+`Config.kernels` picks the form of attention and the gated MLP: "reference" (plain jnp, autodiff gradients),
+"fused" (custom VJPs that keep fewer activations for the backward pass, and causal attention in query blocks) or
+"xla_attention" (attention by `jax.nn.dot_product_attention`, whose cuDNN / TPU lowerings suit accelerators; the MLP
+stays fused). The LoRA products always run fused: lora.py's projections do not see the model's Config. Why each
 fused form is shaped as it is, with its measurements: benchmarks/README.md. Axis legend as in model.py.
 """
 import functools
@@ -171,3 +172,66 @@ def _gated_bwd(activation, residuals, g_BLF):
 
 
 fused_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+# ---- LoRA products (lora.py's variants call these) ------------------------------------------------------------------
+
+def low_rank_reference(x, a_IR, b_RO, scale: float):
+  """(x a) b * scale, differentiated by autodiff."""
+  return jnp.dot(jnp.dot(x, a_IR), b_RO) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank(x, a_IR, b_RO, scale: float):
+  """(x a) b * scale with the scale on the small rank-R intermediate, and a VJP in which each gradient is one
+  matmul against a rank-R factor or intermediate (autodiff of the nested dots made XLA's CPU backend write the
+  input gradients of wide projections in transposed form: a [F, B*L] copy per layer)."""
+  return _low_rank_fwd(x, a_IR, b_RO, scale)[0]
+
+
+def _low_rank_fwd(x, a_IR, b_RO, scale):
+  h_R = jnp.dot(x, a_IR) * scale
+  return jnp.dot(h_R, b_RO), (x, a_IR, b_RO, h_R)
+
+
+def _low_rank_bwd(scale, res, g_O):
+  x, a_IR, b_RO, h_R = res
+  g_R = jnp.dot(g_O, b_RO.T) * scale
+  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
+  return (jnp.dot(g_R, a_IR.T), jnp.tensordot(g_R, x, (rows, rows)).T, jnp.tensordot(h_R, g_O, (rows, rows)))
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def lora_dense_reference(x, xd, w_IO, a_IR, b_RO, scale: float):
+  """x W + (xd A) B · scale (xd: x after LoRA dropout, or x itself), differentiated by autodiff."""
+  return jnp.dot(x, w_IO) + low_rank_reference(xd, a_IR, b_RO, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_dense(x, xd, w_IO, a_IR, b_RO, scale: float):
+  """lora_dense_reference as one matmul, [x, s xd A] @ [W; B]: one product writes the sum, so the layer keeps one
+  [.., out] activation for the backward pass, not the base and LoRA outputs side by side (XLA fuses an add into
+  each consumer and keeps both addends). The backward pass is again one product over both: g [W; B]^T gives x's
+  gradient and the rank-R intermediate's."""
+  return _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale)[0]
+
+
+def _lora_dense_fwd(x, xd, w_IO, a_IR, b_RO, scale):
+  h_R = jnp.dot(xd, a_IR) * scale
+  y = jnp.dot(jnp.concatenate([x, h_R], -1), jnp.concatenate([w_IO, b_RO], 0))
+  return y, (x, xd, w_IO, a_IR, b_RO, h_R)
+
+
+def _lora_dense_bwd(scale, res, g_O):
+  x, xd, w_IO, a_IR, b_RO, h_R = res
+  g_cat = jnp.dot(g_O, jnp.concatenate([w_IO, b_RO], 0).T)
+  g_x, g_R = g_cat[..., :x.shape[-1]], g_cat[..., x.shape[-1]:] * scale
+  rows = tuple(range(x.ndim - 1))  # contract over every leading (batch, length) axis
+  # W's gradient is only computed where W trains (full tuning with LoRA); XLA drops it otherwise.
+  return (g_x, jnp.dot(g_R, a_IR.T), jnp.tensordot(x, g_O, (rows, rows)), jnp.tensordot(g_R, xd, (rows, rows)).T,
+          jnp.tensordot(h_R, g_O, (rows, rows)))
+
+
+lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)

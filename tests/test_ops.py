@@ -100,6 +100,20 @@ def test_fused_gated_mlp_equals_reference(activation):
     _close(got, want, 1e-12)
 
 
+@pytest.mark.parametrize("name", ["low_rank", "lora_dense"])
+def test_fused_lora_products_equal_reference(name):
+  """x W + (xd A) B · s as one matmul and (x A) B · s alone: values and every input's gradient (x, the dropped-out
+  xd, W, A, B) equal autodiff of the plain products, in float64."""
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    x, xd, g = (jnp.asarray(rng.normal(size=(2, 5, s))) for s in (6, 6, 7))
+    w, a, b = (jnp.asarray(rng.normal(size=s)) for s in ((6, 7), (6, 3), (3, 7)))
+    args = (x, xd, w, a, b) if name == "lora_dense" else (x, a, b)
+    got, got_vjp = jax.vjp(lambda *t: getattr(ops, name)(*t, 1.7), *args)
+    want, want_vjp = jax.vjp(lambda *t: getattr(ops, name + "_reference")(*t, 1.7), *args)
+    _close((got, got_vjp(g)), (want, want_vjp(g)), 1e-13)
+
+
 def _model_logits_and_grads(cfg, params, tokens, **kw):
   logits = lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]
   return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
