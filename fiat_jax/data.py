@@ -202,6 +202,19 @@ def truncate_passage(render: Callable[[str], str], passage: str, vocabulary: seq
       f'{max_tokens}; the instruction, question and rationale are never cut: raise inputs_length')
 
 
+def render_inputs(dataset: str, recipe: str, example: dict, rationale: Optional[str], vocabulary: seqio.Vocabulary,
+                  inputs_length: Optional[int], where: str, *, i_tau: Optional[str] = None,
+                  kind: str = 'label') -> tuple[str, int]:
+  """The inputs of one task row (distilled CoT: of its 'label' or 'rationale' output), passage cut from its end to
+  fit inputs_length: (text, tokens cut). The seqio tasks and `fiat infer` / `fiat evaluate` both format with it."""
+  distilled = recipe == 'distilled_cot'
+  prefix = (RATIONALE_PREFIX if kind == 'rationale' else LABEL_PREFIX) if distilled else ''
+  rationale = None if rationale is None else rationale.strip()
+  render = lambda p: prefix + format_inputs(dataset, example, 'no_cot' if distilled else recipe, i_tau, rationale,
+                                            passage=p)
+  return truncate_passage(render, example[_definition(dataset).PASSAGE_FIELD], vocabulary, inputs_length, where)
+
+
 @functools.lru_cache(maxsize=None)
 def _raw_split(dataset: str, data_dir: str, source: str, split: str) -> list[dict]:
   if source == 'tfds':
@@ -310,14 +323,12 @@ def format_with_i_tau(ds: tf.data.Dataset, *, task: str, dataset: str, recipe: s
   out = []
   for row in _rows(ds):
     ex, rationale = json.loads(row['example']), row['rationale'] or None
-    outputs = [('label', LABEL_PREFIX if distilled else '', definition.target(ex))]
+    outputs = [('label', definition.target(ex))]
     if rationale is not None and distilled:
-      outputs.append(('rationale', RATIONALE_PREFIX, rationale))
-    for kind, prefix, target in outputs:
-      render = lambda p, prefix=prefix, ex=ex, r=rationale: prefix + format_inputs(
-          dataset, ex, 'no_cot' if distilled else recipe, i_tau, r, passage=p)
-      text, cut = truncate_passage(render, ex[definition.PASSAGE_FIELD], vocab, td.inputs_length,
-                                   f'{task} {row["split"]} example {ex["id"]}')
+      outputs.append(('rationale', rationale))
+    for kind, target in outputs:
+      text, cut = render_inputs(dataset, recipe, ex, rationale, vocab, td.inputs_length,
+                                f'{task} {row["split"]} example {ex["id"]}', i_tau=i_tau, kind=kind)
       out.append({'id': row['id'], 'language': row['language'], 'kind': kind, 'example': row['example'],
                   'inputs': text, 'targets': target, 'tokens_cut': cut})
   return _dataset(out, TEXT_FEATURES + ('inputs', 'targets'), ('tokens_cut',))

@@ -504,11 +504,8 @@ def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale
   """One canonical example formatted for τ as data.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
   definition = tasks.definition(exp.dataset)
   i_tau = data.load_i_tau(exp.dataset) if recipe.instruction else None
-  render = lambda p: data.format_inputs(exp.dataset, example, recipe.data_recipe, i_tau, rationale, passage=p)
-  text, _ = data.truncate_passage(render, example[definition.PASSAGE_FIELD], vocab, exp.inputs_length,
-                                  f'example {example["id"]}')
-  if recipe.rationale == 'distilled':
-    text = data.LABEL_PREFIX + text
+  text, _ = data.render_inputs(exp.dataset, recipe.data_recipe, example, rationale, vocab, exp.inputs_length,
+                               f'example {example["id"]}', i_tau=i_tau)
   target = definition.target(example) if ('label' in example or 'target' in example) else None
   return {'id': example['id'], 'language': example['language'], 'inputs': vocab.encode(text),
           'inputs_pretokenized': text, 'targets_pretokenized': target, 'example': example}
