@@ -252,8 +252,8 @@ def agreement(out: str, split: str = 'test') -> list[dict]:
 
 def agreement_markdown(rows: list[dict]) -> str:
   lines = ['| Run | τ = β\'s answer | distinct answers | most frequent answer |', '|---|---:|---:|---|']
-  lines += [f'| {r["run"]} | {r["agree"]}/{r["n"]} | {r["distinct"]} | {r["top"]} ({r["top_count"]}) |'
-            for r in rows]
+  lines += [f'| {r["run"]} | {r["agree"]}/{r["n"]} | {r["distinct"]} | {r["top"] or "(empty)"} '
+            f'({r["top_count"]}) |' for r in rows]
   return '\n'.join(lines)
 
 
