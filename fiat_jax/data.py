@@ -14,6 +14,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from fiat_jax import config_check
 from fiat_jax import readers
 from fiat_jax.beta import store
 
@@ -55,6 +56,7 @@ def _definition(dataset: str):
 
 @gin.configurable(module='fiat_jax.data')
 @dataclasses.dataclass(frozen=True)
+@config_check.typed
 class TaskData:
   """What the registered tasks read when a dataset is built: bind it in gin, or data.use(...) for one run.
 

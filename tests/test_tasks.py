@@ -53,6 +53,10 @@ def test_import_registers_every_task_and_mixture_read_at_dataset_time():
     data.task_names('xtreme_up_xqa_full_finetune')
   with pytest.raises(ValueError, match="'cot' is no task or mixture"):
     data.task_names('cot')
+  with pytest.raises(TypeError, match=r'TaskData.inputs_length: .1024. \(str\) is not'):
+    data.TaskData(XQA, inputs_length='1024')
+  with pytest.raises(ValueError, match=r"TaskData.source='hf': expected one of \('files', 'tfds'\)"):
+    data.TaskData(XQA, source='hf')
 
 
 def test_get_dataset_reads_release_store_and_vocabulary_from_gin(tmp_path):
