@@ -130,7 +130,7 @@ def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
 @gin.configurable
 def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
               vocabulary: Optional[seqio.Vocabulary] = None, expected: Optional[model_lib.Config] = None,
-              tiny: bool = False, dtype: Optional[str] = None, seed: int = 0):
+              tiny: bool = False, dtype: Optional[str] = None, kernels: Optional[str] = None, seed: int = 0):
   """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
 
   Args:
@@ -139,10 +139,12 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
     vocabulary: default: the checkpoint's own tokenizer (tokenizer.json, else tokenizer.model).
     expected: the architecture the run was configured for (a models/*.gin file's TAU_CONFIG); the checkpoint
       must match it.
+    kernels: model.Config.kernels ('fused' on CPU, 'xla_attention' for GPUs / TPUs, 'reference'); None keeps
+      the default.
   """
   if tiny:
     vocabulary = vocabulary or byte_vocabulary()
-    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size)
+    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size, **({'kernels': kernels} if kernels else {}))
     key = jax.random.PRNGKey(seed + (1 if use_base else 0))
     return cfg, nn.meta.unbox(model_lib.init_params(cfg, key)), vocabulary, f'tiny-random-{int(use_base)}'
   path = base if use_base else instruction_tuned
@@ -154,6 +156,8 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
     raise FileNotFoundError(f'tau_model: checkpoint directory {path} not found')
   vocabulary = vocabulary or vocab_lib.vocabulary(path)
   cfg, params = hf.load(path, dtype=dtype, expected=expected)
+  if kernels:
+    cfg = dataclasses.replace(cfg, kernels=kernels)
   if cfg.vocab_size < vocabulary.vocab_size:
     raise ValueError(f'{path}: the model has {cfg.vocab_size} embeddings but the vocabulary has '
                      f'{vocabulary.vocab_size} ids: bind tau_model.vocabulary to the checkpoint\'s tokenizer')
