@@ -300,9 +300,11 @@ def test_batcher_waits_for_clients_that_come_back(tiny_beta):
     t.start()
   for t in threads:
     t.join()
-  # The first batch opens with a 5 ms window (nothing decoded yet); every later one waits up to 150 ms.
+  # The first batch opens with a 5 ms window (nothing decoded yet), so a slow thread start can split the first
+  # round; every later batch waits up to 150 ms and gathers the clients that came back (two full batches). With a
+  # fixed 5 ms window (wait_fraction=0) every later round splits into one plus the rest: [4, 1, 3, 1, 3].
   assert sum(batcher.batch_sizes) == 12
-  assert list(batcher.batch_sizes)[-2:] == [4, 4], batcher.batch_sizes
+  assert list(batcher.batch_sizes).count(4) >= 2, batcher.batch_sizes
 
 
 def test_retry_after_header_forms():

@@ -11,7 +11,7 @@ import pytest
 
 from fiat_jax import hf
 from fiat_jax import model as model_lib
-from fiat_jax import vocab  # noqa: F401  (registers vocab.vocabulary for the gin files)
+from fiat_jax import configurables  # noqa: F401  (every configurable the gin files name, as `fiat` has them)
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models")
 
@@ -49,13 +49,22 @@ def load_model_file(name: str, role: str) -> model_lib.Config:
   """Parses one model gin file (checkpoint macro bound to a placeholder) and evaluates its architecture."""
   path = os.path.join(MODELS_DIR, name + ".gin")
   text = open(path, encoding="utf-8").read()
-  assert text.startswith("# Model: ") and "# Required macro:" in text and "# Command:" in text
+  assert text.startswith("# Model: ") and "# Required macro:" in text and "# Commands:" in text
+  macro = role.upper()
   gin.clear_config()
   try:
-    gin.parse_config_files_and_bindings([path], [f"{role.upper()}_CHECKPOINT = '/checkpoints/{name}'"])
+    gin.parse_config_files_and_bindings([path], [f"{macro}_CHECKPOINT = '/checkpoints/{name}'"])
     assert gin.query_parameter(f"{role}/hf.model_config.name_or_dir") == PUBLISHED[name][0]
-    assert str(gin.query_parameter(f"{role}/vocab.vocabulary.tokenizer_dir")) == f"%{role.upper()}_CHECKPOINT"
-    assert gin.query_parameter(f"{role.upper()}_CHECKPOINT/gin.macro.value") == f"/checkpoints/{name}"
+    assert gin.query_parameter(f"{macro}_CHECKPOINT/gin.macro.value") == f"/checkpoints/{name}"
+    assert str(gin.query_parameter("plan.model")) == f"%{macro}_CONFIG"  # `fiat plan` plans this architecture
+    if role == "beta":  # the local β's checkpoint, tokenizer and architecture check
+      assert str(gin.query_parameter("local_beta.checkpoint_dir")) == "%BETA_CHECKPOINT"
+      assert str(gin.query_parameter("beta/vocab.vocabulary.tokenizer_dir")) == "%BETA_CHECKPOINT"
+      assert str(gin.query_parameter("local_beta.expected")) == "%BETA_CONFIG"
+    else:  # the run's τ (the instruction-tuned or the plain one) and its architecture check
+      which = "base" if "non-instruction-tuned" in text else "instruction_tuned"
+      assert str(gin.query_parameter(f"tau_model.{which}")) == "%TAU_CHECKPOINT"
+      assert str(gin.query_parameter("tau_model.expected")) == "%TAU_CONFIG"
     with gin.config_scope(role):
       return hf.model_config()
   finally:
