@@ -18,4 +18,4 @@ demo: .venv/.installed
 	$(PY) -m fiat_jax.demo
 
 test: .venv/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, one test file each at a time

@@ -36,7 +36,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch==2.13.0 is pinned exactly: the CPU build; an open range pulls a CUDA build.
-        "test": ["pytest>=9.0,<10", "torch==2.13.0", "transformers>=4.50", "peft>=0.15"],
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "transformers>=4.50", "peft>=0.15"],
     },
     entry_points={"console_scripts": ["fiat=fiat_jax.main:run"]},
 )
