@@ -61,6 +61,19 @@ def test_merged_export_loads_in_transformers_with_equal_logits(family, targets, 
                                 np.asarray(merged["layer_1"]["mlp"]["down"]["kernel"]))
 
 
+def export_and_load(family, lcfg, variables, params, base_dir, tmp_path):
+  """Our adapter (it must change the base's logits) exported in PEFT's layout and loaded by peft onto the
+  transformers base: (adapter config, the PEFT model, max |PEFT logits - ours| over real tokens)."""
+  tokens, mask = padded_batch(seed=6)
+  ours = our_logits(lcfg, variables, tokens, mask)
+  real = mask.astype(bool)
+  assert np.abs(ours - hf_logits(make_hf_model(family), tokens, mask))[real].max() > 1e-2
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  adapter_cfg = hf_export.save_peft(str(tmp_path / "adapter"), lcfg, params, collections, base_dir)
+  peft_model = peft.PeftModel.from_pretrained(make_hf_model(family), str(tmp_path / "adapter")).eval()
+  return adapter_cfg, peft_model, float(np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max())
+
+
 @pytest.mark.parametrize("family,variant,rslora,targets", [
     ("qwen2", "lora", False, lora_lib.DENSE_TARGETS),
     ("llama", "lora", True, ALL_TARGETS),  # tied embeddings: lm_head's adapter on the shared matrix
@@ -68,38 +81,24 @@ def test_merged_export_loads_in_transformers_with_equal_logits(family, targets, 
     ("gemma2", "pissa", False, ("q", "v", "down")),
 ])
 def test_peft_adapter_loads_onto_base_with_equal_logits(family, variant, rslora, targets, tmp_path):
-  model, base_dir, cfg, params = imported(family, tmp_path)
+  _, base_dir, cfg, params = imported(family, tmp_path)
   lcfg, variables = with_trained_lora(cfg, params, targets=targets, variant=variant, rslora=rslora)
-  tokens, mask = padded_batch(seed=6)
-  ours = our_logits(lcfg, variables, tokens, mask)
-  real = mask.astype(bool)
-  assert np.abs(ours - hf_logits(model, tokens, mask))[real].max() > 1e-2
-
-  collections = {k: v for k, v in variables.items() if k != "params"}
-  adapter_cfg = hf_export.save_peft(str(tmp_path / "adapter"), lcfg, params, collections, base_dir)
+  adapter_cfg, peft_model, gap = export_and_load(family, lcfg, variables, params, base_dir, tmp_path)
   saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert saved == adapter_cfg and saved["use_rslora"] == rslora and saved["use_dora"] == (variant == "dora")
   assert (saved["r"], saved["lora_alpha"]) == ((8, 16.0) if variant == "pissa" else (4, 8.0))
-  peft_model = peft.PeftModel.from_pretrained(make_hf_model(family), str(tmp_path / "adapter")).eval()
-  assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max() < 1e-4
+  assert gap < 1e-4
 
 
 def test_vera_adapter_loads_into_peft_as_vera_with_equal_logits(tmp_path):
-  model, base_dir, cfg, params = imported("qwen2", tmp_path)
+  _, base_dir, cfg, params = imported("qwen2", tmp_path)
   lcfg, variables = with_trained_lora(cfg, params, scale=2.0, targets=("q", "v", "up", "down"), variant="vera")
-  tokens, mask = padded_batch(seed=6)
-  ours = our_logits(lcfg, variables, tokens, mask)
-  real = mask.astype(bool)
-  assert np.abs(ours - hf_logits(model, tokens, mask))[real].max() > 1e-2
-
-  collections = {k: v for k, v in variables.items() if k != "params"}
-  saved = hf_export.save_peft(str(tmp_path / "adapter"), lcfg, params, collections, base_dir)
+  saved, peft_model, gap = export_and_load("qwen2", lcfg, variables, params, base_dir, tmp_path)
   assert (saved["peft_type"], saved["r"], saved["save_projection"]) == ("VERA", 4, True)
-  peft_model = peft.PeftModel.from_pretrained(make_hf_model("qwen2"), str(tmp_path / "adapter")).eval()
   assert isinstance(peft_model.peft_config["default"], peft.VeraConfig)
   assert tuple(peft_model.base_model.vera_A["default"].shape) == (4, 64)  # one shared [R, max in] ...
   assert tuple(peft_model.base_model.vera_B["default"].shape) == (64, 4)  # ... and [max out, R]
-  assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max() < 1e-4
+  assert gap < 1e-4
   lcfg, variables = with_trained_lora(cfg, params, targets=("q", "embed"), variant="vera")
   with pytest.raises(ValueError, match="VeRA adapter in PEFT's layout covers the Dense targets only.*'embed'"):
     hf_export.save_peft(str(tmp_path / "no"), lcfg, params, {"lora": variables["lora"],
