@@ -5,12 +5,14 @@ mode reads it: serving β, writing rationales, training τ or planning memory.
 """
 # pylint: disable=unused-import
 from fiat_jax import data  # TaskData
+from fiat_jax import evaluation  # evaluate_run
+from fiat_jax import experiment  # Experiment, Recipe, Beta, tau_model, vocabularies
 from fiat_jax import hf  # model_config
 from fiat_jax import infer  # infer
 from fiat_jax import lora  # LoraConfig
 from fiat_jax import optim  # OptimConfig
 from fiat_jax import plan  # plan
-from fiat_jax import run  # Experiment, Recipe, Beta, tau_model, build, evaluate_run, vocabularies
+from fiat_jax import run  # build
 from fiat_jax import sharding  # make_mesh, logical_axis_rules
 from fiat_jax import train  # TrainConfig
 from fiat_jax import vocab  # vocabulary (a checkpoint's tokenizer.json or tokenizer.model)

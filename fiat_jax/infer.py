@@ -8,6 +8,8 @@ import gin
 import jax
 
 from fiat_jax import cli
+from fiat_jax import evaluation
+from fiat_jax import experiment
 from fiat_jax import model as model_lib
 from fiat_jax import readers
 from fiat_jax import run
@@ -36,10 +38,10 @@ def read_inputs(path: str, dataset: str) -> list[dict]:
 
 
 @gin.configurable(denylist=['exp', 'recipe'])
-def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED,
-          beta: Optional[run.Beta] = None, split: str = 'infer') -> dict:
+def infer(exp: experiment.Experiment, recipe: experiment.Recipe, input_file: str = gin.REQUIRED,
+          output_file: str = gin.REQUIRED, beta: Optional[experiment.Beta] = None, split: str = 'infer') -> dict:
   """Algorithm 2: y = argmax P(y | x, ŷ_β; θ'_τ, I_τ) for each input line; β asked only for unstored inputs."""
-  beta = beta or run.Beta()
+  beta = beta or experiment.Beta()
   inputs = read_inputs(input_file, exp.dataset)
   rationales, sources = [None] * len(inputs), [None] * len(inputs)
   if recipe.rationale == 'input':
@@ -55,12 +57,12 @@ def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRE
       asked = ask_beta(exp, beta, [inputs[i] for i in todo], split, recipe.rationale_field)
       for i, r in zip(todo, asked):
         rationales[i], sources[i] = r, 'beta'
-  exp, cfg, variables, vocab = run.load_tau(exp, recipe)
+  exp, cfg, variables, vocab = experiment.load_tau(exp, recipe)
   merged, merged_cfg = run.merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
   model = model_lib.Transformer(merged_cfg)
-  examples = [run.tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
-  out = run.decode(model, {'params': merged}, vocab, examples, exp.dataset,
-                   max_decode_tokens=exp.max_decode_tokens, batch_size=exp.eval_batch_size, bos_id=exp.bos_id)
+  examples = [experiment.tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
+  out = evaluation.decode(model, {'params': merged}, vocab, examples, exp.dataset,
+                          max_decode_tokens=exp.max_decode_tokens, batch_size=exp.eval_batch_size, bos_id=exp.bos_id)
   os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
   with open(output_file, 'w', encoding='utf-8') as f:
     for ex, r, src, pred, score in zip(inputs, rationales, sources, out['predictions'], out['scores']):
@@ -70,12 +72,12 @@ def infer(exp: run.Experiment, recipe: run.Recipe, input_file: str = gin.REQUIRE
           'from_store': sum(s == 'store' for s in sources), 'output_file': output_file}
 
 
-def store_dir_of(exp: run.Experiment) -> str:
+def store_dir_of(exp: experiment.Experiment) -> str:
   """Where `fiat infer` reads and appends β's rationales: the run's store, else one in the run directory."""
   return exp.store_dir or os.path.join(exp.run_dir, 'infer_store')
 
 
-def i_beta_of(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str):
+def i_beta_of(exp: experiment.Experiment, beta: experiment.Beta, examples: list[dict], split: str):
   """β's I_β (messages, texts) per language, built as `fiat rationales` builds them."""
   train_examples = {}
   if exp.data_dir:
@@ -84,7 +86,7 @@ def i_beta_of(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: 
                                beta.exemplars_file)
 
 
-def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: str,
+def ask_beta(exp: experiment.Experiment, beta: experiment.Beta, examples: list[dict], split: str,
              field: str = 'rationale') -> list[str]:
   """β's rationales (record[field], as the run was trained on) for new inputs, appended to the store (so no
   input is ever asked twice)."""
@@ -109,5 +111,5 @@ def ask_beta(exp: run.Experiment, beta: run.Beta, examples: list[dict], split: s
 def main(argv: list[str]) -> int:
   """`fiat infer --gin_file=<the run's files> --gin.infer.input_file=IN --gin.infer.output_file=OUT`."""
   cli.parse_gin(argv, 'fiat infer')
-  print(json.dumps(cli.name_missing_macros(lambda: infer(run.Experiment(), run.Recipe()))))
+  print(json.dumps(cli.name_missing_macros(lambda: infer(experiment.Experiment(), experiment.Recipe()))))
   return 0

@@ -15,7 +15,7 @@ MODES = {
     "serve": ("fiat_jax.beta.serve:main", True),
     "score": ("fiat_jax.metrics:main", False),
     "train": ("fiat_jax.run:train_main", True),
-    "evaluate": ("fiat_jax.run:evaluate_main", True),
+    "evaluate": ("fiat_jax.evaluation:evaluate_main", True),
     "infer": ("fiat_jax.infer:main", True),
     "report": ("fiat_jax.report:main", False),
     "plan": ("fiat_jax.plan:main", False),

@@ -17,6 +17,7 @@ import os
 import gin
 
 from fiat_jax import cli
+from fiat_jax import experiment
 from fiat_jax import run
 
 # FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse. '4' and '6' are
@@ -52,12 +53,12 @@ def main(argv: list[str]) -> int:
   for path in run_files(args.setting, args.sizes.split(','), args.table):
     gin.clear_config()
     cli.parse_gin([f'--gin_file={path}'] + rest, 'sweep')
-    exp = run.Experiment()
-    if not args.force and os.path.exists(os.path.join(exp.run_dir, run.METRICS_FILE)):
+    exp = experiment.Experiment()
+    if not args.force and os.path.exists(os.path.join(exp.run_dir, experiment.METRICS_FILE)):
       print(f'sweep: {path}: {exp.run_dir} is finished, skipped')
       continue
     print(f'sweep: {path} -> {exp.run_dir}')
-    out = run.build(exp, run.Recipe())
+    out = run.build(exp, experiment.Recipe())
     if out.get('preempted'):
       print(f'sweep: {path} was preempted; rerun the sweep to resume it')
       return 3

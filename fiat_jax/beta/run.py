@@ -210,8 +210,8 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
 
 def _run_files():
   """The Experiment and Beta of the parsed gin files (the runs/ files' data set, data, store and β)."""
-  from fiat_jax import run  # pylint: disable=g-import-not-at-top  (run imports this module)
-  exp, beta = run.Experiment(), run.Beta()
+  from fiat_jax import experiment  # pylint: disable=g-import-not-at-top  (it loads jax: an HTTP β runs without)
+  exp, beta = experiment.Experiment(), experiment.Beta()
   exp.require("dataset", "data_dir", "store_dir")
   return exp, beta
 

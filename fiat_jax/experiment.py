@@ -1,0 +1,286 @@
+"""What a run is: the gin-configured Experiment, Recipe and Beta, θ_τ (`tau_model`), τ's inputs and the files of
+the run directory (provenance, metrics.json, the selected θ_PEFT and tau.json, read back by `load_tau`)."""
+import dataclasses
+import importlib.metadata
+import importlib.util  # gin's include resolution needs it imported
+import json
+import logging
+import os
+import platform
+import time
+from typing import Optional, Sequence
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import seqio
+
+from fiat_jax import config_check
+from fiat_jax import data
+from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
+from fiat_jax import lora as lora_lib
+from fiat_jax import model as model_lib
+from fiat_jax import vocab as vocab_lib
+import tasks
+
+TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
+TAU_CONFIG_FILE = 'tau.json'  # the adapter config, base and selected step of TRAINABLE_FILE
+METRICS_FILE = 'metrics.json'
+
+
+# ---- What a run is -------------------------------------------------------------------------------------------
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+@config_check.typed
+class Recipe:
+  """FIAT's ingredients (FIDELITY.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
+  method: str = 'tau'  # tau: train τ | icl: β's few-shot CoT answers, nothing trained
+  rationale: str = 'input'  # input: [I_τ; x; ŷ_β] | none | distilled: a second training target (Hsieh et al.)
+  instruction: bool = True  # instruction-augmented tuning (I_τ)
+  peft: bool = True  # LoRA only; False: every base parameter trains
+  instruction_tuned_base: bool = True
+  rationale_field: str = 'rationale'  # ŷ_β = the store record's parsed reasoning | raw: β's whole output
+
+  def __post_init__(self):
+    if self.rationale_field not in data.RATIONALE_FIELDS:
+      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {data.RATIONALE_FIELDS}')
+    if self.method not in ('tau', 'icl'):
+      raise ValueError(f'Recipe.method: {self.method!r} is not tau or icl')
+    if self.rationale not in ('input', 'none', 'distilled'):
+      raise ValueError(f'Recipe.rationale: {self.rationale!r} is not input, none or distilled')
+    if self.rationale == 'distilled' and not self.instruction:
+      raise ValueError('Recipe: rationale=distilled needs instruction=True (data.py formats it with I_tau)')
+
+  @property
+  def data_recipe(self) -> str:
+    """The suffix of the seqio tasks (`import tasks`) that format these ingredients."""
+    if self.rationale == 'distilled':
+      return 'distilled_cot'
+    return {('input', True): 'fiat', ('none', True): 'no_cot', ('input', False): 'no_instruction',
+            ('none', False): 'finetune'}[(self.rationale, self.instruction)]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+@config_check.typed
+class Experiment:
+  """One row of a table: the data set, the run's name and where things live."""
+  dataset: Optional[str] = None  # xor_attriqa | xtreme_up_xqa
+  mixture: Optional[str] = None  # task prefix: xor_attriqa, xtreme_up_xqa_indic, xtreme_up_xqa_full
+  setting: Optional[str] = None  # report column: xor_attriqa | xtreme_up_indic | xtreme_up_full | miniature
+  row: Optional[str] = None  # report row: icl, finetune, fiat, wo_cot, wo_instruction, wo_peft, distilled_cot
+  tau_size: Optional[str] = None  # XS | S (None for ICL)
+  name: Optional[str] = None  # run folder name
+  data_dir: Optional[str] = None
+  runs_root: Optional[str] = None  # the run writes runs_root/setting/name
+  store_dir: Optional[str] = None  # the rationale store shared by every run of a data set
+  languages: Optional[Sequence[str]] = None
+  inputs_length: int = 1024
+  targets_length: int = 32
+  max_decode_tokens: int = 32
+  eval_split: str = 'validation'
+  test_split: str = 'test'
+  max_eval_examples: Optional[int] = None  # per language, for the evaluations during training
+  eval_batch_size: int = 16
+  bos_id: Optional[int] = None  # the first decoder input token; None: the τ checkpoint's bos_token_id
+  bootstrap: int = 1000
+  seed: int = 0
+
+  def require(self, *fields):
+    for f in fields:
+      if getattr(self, f) in (None, ''):
+        raise ValueError(f'Experiment.{f} is not set: bind --gin.Experiment.{f}=... (or the macro the run '
+                         f'file names for it)')
+
+  @property
+  def run_dir(self) -> str:
+    self.require('runs_root', 'setting', 'name')
+    return os.path.join(self.runs_root, self.setting, self.name)
+
+
+@gin.configurable
+def byte_vocabulary() -> seqio.Vocabulary:
+  return seqio.ByteVocabulary()
+
+
+@gin.configurable
+def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
+  """A SentencePiece model file (e.g. a checkpoint's tokenizer.model) as a seqio vocabulary."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'sentencepiece_vocabulary.path: {path} not found')
+  return seqio.SentencePieceVocabulary(path)
+
+
+@gin.configurable
+def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
+              vocabulary: Optional[seqio.Vocabulary] = None, expected: Optional[model_lib.Config] = None,
+              tiny: bool = False, dtype: Optional[str] = None, kernels: Optional[str] = None, seed: int = 0):
+  """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
+
+  Args:
+    instruction_tuned / base: checkpoint directories of the instruction-tuned and the plain τ.
+    use_base: take `base` (the recipe's instruction_tuned_base=False).
+    vocabulary: default: the checkpoint's own tokenizer (tokenizer.json, else tokenizer.model).
+    expected: the architecture the run was configured for (a models/*.gin file's TAU_CONFIG); the checkpoint
+      must match it.
+    kernels: model.Config.kernels ('fused' on CPU, 'xla_attention' for GPUs / TPUs, 'reference'); None keeps
+      the default.
+  """
+  if tiny:
+    vocabulary = vocabulary or byte_vocabulary()
+    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size, **({'kernels': kernels} if kernels else {}))
+    key = jax.random.PRNGKey(seed + (1 if use_base else 0))
+    return cfg, nn.meta.unbox(model_lib.init_params(cfg, key)), vocabulary, f'tiny-random-{int(use_base)}'
+  path = base if use_base else instruction_tuned
+  if not path:
+    which, macro = ('base', 'BASE') if use_base else ('instruction_tuned', 'IT')
+    raise ValueError(f'tau_model.{which} is not set: bind the run\'s τ checkpoint (--gin.TAU_XS_{macro}=... or '
+                     f'--gin.TAU_S_{macro}=..., or a gin_configs/models/ file with --gin.TAU_CHECKPOINT=...)')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'tau_model: checkpoint directory {path} not found')
+  vocabulary = vocabulary or vocab_lib.vocabulary(path)
+  cfg, params = hf.load(path, dtype=dtype, expected=expected)
+  if kernels:
+    cfg = dataclasses.replace(cfg, kernels=kernels)
+  if cfg.vocab_size < vocabulary.vocab_size:
+    raise ValueError(f'{path}: the model has {cfg.vocab_size} embeddings but the vocabulary has '
+                     f'{vocabulary.vocab_size} ids: bind tau_model.vocabulary to the checkpoint\'s tokenizer')
+  return cfg, params, vocabulary, path
+
+
+def resolve_bos(exp: 'Experiment', tau_path: str) -> 'Experiment':
+  """Experiment.bos_id None: the τ checkpoint's own BOS (config.json bos_token_id; 0 for a tiny random τ)."""
+  if exp.bos_id is not None:
+    return exp
+  bos = 0
+  if os.path.isfile(os.path.join(tau_path, 'config.json')):
+    bos = hf.read_json(os.path.join(tau_path, 'config.json')).get('bos_token_id')
+    if not isinstance(bos, int):
+      raise ValueError(f'{tau_path}/config.json has no integer bos_token_id ({bos!r}): bind --gin.Experiment.bos_id')
+  return dataclasses.replace(exp, bos_id=bos)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+@config_check.typed
+class Beta:
+  """β and I_β: the backend (None: use what the store holds) and the prompt files (None: tasks/prompts/)."""
+  backend: object = None
+  instruction_file: Optional[str] = None
+  exemplars_file: Optional[str] = None
+
+
+# ---- τ's inputs: [I_τ ; x ; ŷ_β], as the recipe's seqio task or one example at a time ------------------------
+
+def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) -> str:
+  """Points the seqio tasks that format [I_τ ; x ; ŷ_β] -> y (`import tasks`) at the run's release, store, τ
+  vocabulary and inputs length; returns the recipe's mixture name."""
+  exp.require('dataset', 'mixture', 'data_dir')
+  data.use(data.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
+                         exp.inputs_length, exp.languages, rationale_field=recipe.rationale_field))
+  return f'{exp.mixture}_{recipe.data_recipe}'
+
+
+def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale: Optional[str]) -> dict:
+  """One canonical example formatted for τ as data.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
+  definition = tasks.definition(exp.dataset)
+  i_tau = data.load_i_tau(exp.dataset) if recipe.instruction else None
+  text, _ = data.render_inputs(exp.dataset, recipe.data_recipe, example, rationale, vocab, exp.inputs_length,
+                               f'example {example["id"]}', i_tau=i_tau)
+  target = definition.target(example) if ('label' in example or 'target' in example) else None
+  return {'id': example['id'], 'language': example['language'], 'inputs': vocab.encode(text),
+          'inputs_pretokenized': text, 'targets_pretokenized': target, 'example': example}
+
+
+# ---- Run directory files -------------------------------------------------------------------------------------
+
+def package_version() -> str:
+  try:
+    return importlib.metadata.version('fiat-jax')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown (fiat-jax is not installed; run from a source tree)'
+
+
+def write_provenance(run_dir: str) -> None:
+  """The resolved gin config and the versions, next to the results."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
+    f.write(gin.config_str())
+  with open(os.path.join(run_dir, 'version.json'), 'w', encoding='utf-8') as f:
+    json.dump({'fiat_jax': package_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+               'python': platform.python_version(), 'time': time.time(), 'processes': jax.process_count(),
+               'devices': jax.device_count()}, f, indent=1)
+
+
+def finite(tree):
+  """NaN (an undefined figure) as null in JSON files."""
+  if isinstance(tree, dict):
+    return {k: finite(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [finite(v) for v in tree]
+  if isinstance(tree, (float, np.floating)):
+    return None if np.isnan(tree) else float(tree)
+  return tree
+
+
+def write_metrics(run_dir: str, exp: Experiment, recipe: Recipe, results: dict) -> dict:
+  out = {'experiment': dataclasses.asdict(exp), 'recipe': dataclasses.asdict(recipe), **results}
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, METRICS_FILE), 'w', encoding='utf-8') as f:
+      json.dump(finite(out), f, indent=1, ensure_ascii=False, default=str)
+    with open(os.path.join(run_dir, 'operative_config.gin'), 'w', encoding='utf-8') as f:
+      f.write(gin.operative_config_str())
+  return out
+
+
+def save_trainable(run_dir: str, trainable: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, TRAINABLE_FILE), 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, trainable)))
+
+
+def write_tau_config(run_dir: str, model_cfg: model_lib.Config, base_path: str, recipe: Recipe, res, bos_id: int):
+  """What `fiat evaluate` / `fiat infer` rebuild τ from: the adapter (rank, alpha, variant, targets), the base,
+  the selected step; read back by load_tau, so a later gin change cannot silently alter the trained model."""
+  if jax.process_index() != 0:
+    return
+  lora = dataclasses.asdict(model_cfg.lora) if model_cfg.lora is not None else None
+  with open(os.path.join(run_dir, TAU_CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump({'mode': 'peft' if lora else 'full', 'lora': lora, 'base_path': base_path,
+               'instruction_tuned_base': recipe.instruction_tuned_base, 'bos_id': bos_id,
+               'selected_step': res.selected_step, 'best': res.best, 'steps': res.step}, f, indent=1)
+
+
+def load_tau(exp: Experiment, recipe: Recipe):
+  """θ_τ plus the run's selected trained variables: (exp with τ's BOS, model_cfg, variables, vocab)."""
+  path = os.path.join(exp.run_dir, TRAINABLE_FILE)
+  config_path = os.path.join(exp.run_dir, TAU_CONFIG_FILE)
+  for needed in (path, config_path):
+    if not os.path.exists(needed):
+      raise FileNotFoundError(f'{needed}: no trained τ in this run directory; run `fiat train` with the same '
+                              f'gin files first')
+  with open(config_path, encoding='utf-8') as f:
+    saved = json.load(f)
+  if saved['instruction_tuned_base'] != recipe.instruction_tuned_base:
+    raise ValueError(f'{config_path}: the run trained instruction_tuned_base={saved["instruction_tuned_base"]}, '
+                     f'but the gin files say Recipe.instruction_tuned_base={recipe.instruction_tuned_base}')
+  cfg, params, vocab, base_path = tau_model(use_base=not saved['instruction_tuned_base'])
+  if os.path.abspath(base_path) != os.path.abspath(saved['base_path']) and not base_path.startswith('tiny-'):
+    logging.warning('%s: trained on the base %s, now loading %s', config_path, saved['base_path'], base_path)
+  if exp.bos_id is None:
+    exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
+  with open(path, 'rb') as f:
+    trained = flax.serialization.msgpack_restore(f.read())
+  if saved['lora'] is not None:
+    lora = {k: tuple(v) if isinstance(v, list) else v for k, v in saved['lora'].items()}
+    cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(**lora))
+    variables = {'params': params, **trained}
+  else:
+    variables = trained
+  logging.info('τ of %s: the checkpoint of step %s (%s)', exp.run_dir, saved['selected_step'],
+               'LoRA ' + json.dumps(saved['lora']) if saved['lora'] else 'fully fine-tuned')
+  return exp, cfg, variables, vocab
