@@ -42,6 +42,8 @@ import seqio
 from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import decoding
+from fiat_jax import evaluation
+from fiat_jax import experiment
 from fiat_jax import metrics
 from fiat_jax import miniature
 from fiat_jax import model as model_lib
@@ -224,8 +226,8 @@ def run_rows(out: str, macros: dict, scale: Scale, progress: Progress) -> None:
              f'--gin.TrainConfig.num_steps={scale.tau_steps}']
     t0 = time.time()
     cli.parse_gin(argv, 'demo')
-    out_metrics = run.build(run.Experiment(), run.Recipe())
-    print(f'demo: {name}: {json.dumps(run.headline(out_metrics))} ({time.time() - t0:.0f} s)')
+    out_metrics = run.build(experiment.Experiment(), experiment.Recipe())
+    print(f'demo: {name}: {json.dumps(evaluation.headline(out_metrics))} ({time.time() - t0:.0f} s)')
   gin.clear_config()
 
 
