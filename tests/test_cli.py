@@ -33,13 +33,13 @@ def test_score_through_the_command(tmp_path, capsys):
 def test_a_relative_gin_file_named_like_a_package_is_read_as_a_file(tmp_path, monkeypatch):
   """`tasks/my.gin` in the working directory: gin alone takes `tasks` for this project's package and fails."""
   import gin  # pylint: disable=g-import-not-at-top
-  from fiat_jax import cli, run  # pylint: disable=g-import-not-at-top
+  from fiat_jax import cli, experiment  # pylint: disable=g-import-not-at-top
   (tmp_path / 'tasks').mkdir()
   (tmp_path / 'tasks' / 'my.gin').write_text("Experiment.name = 'from_my_file'\n")
   monkeypatch.chdir(tmp_path)
   gin.clear_config()
   cli.parse_gin(['--gin_file=tasks/my.gin'], 'test')
-  assert run.Experiment().name == 'from_my_file'
+  assert experiment.Experiment().name == 'from_my_file'
   gin.clear_config()
 
 

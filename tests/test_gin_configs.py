@@ -7,7 +7,7 @@ import gin
 import pytest
 
 from fiat_jax import cli
-from fiat_jax import run
+from fiat_jax import experiment
 
 MODELS = sorted(glob.glob(os.path.join(cli.GIN_DIR, 'models', '*.gin')))
 RUNS = sorted(glob.glob(os.path.join(cli.GIN_DIR, 'runs', '*', '*.gin')))
@@ -28,7 +28,7 @@ def test_a_models_file_parses_with_every_run_file(models_file):
     gin.clear_config()
     argv = [f'--gin_file={os.path.relpath(run_file, cli.GIN_DIR)}', f'--gin_file=models/{os.path.basename(models_file)}']
     cli.parse_gin(argv + [f'--gin.{m}' for m in MACROS + [f"{macro}='{checkpoint}'"]], 'fiat train')
-    exp, recipe = run.Experiment(), run.Recipe()
+    exp, recipe = experiment.Experiment(), experiment.Recipe()
     assert exp.run_dir.startswith('/runs/'), run_file
     if beta:
       assert gin.query_parameter('local_beta.checkpoint_dir').scoped_selector == 'BETA_CHECKPOINT/gin.macro'

@@ -161,12 +161,12 @@ def test_score_names_the_line_of_bytes_that_are_not_utf8(tmp_path, capsys):
 def test_gin_values_of_the_wrong_type_fail_when_built_naming_class_field_value_and_type(binding, message):
   import gin  # pylint: disable=g-import-not-at-top
   from fiat_jax import cli  # pylint: disable=g-import-not-at-top
-  from fiat_jax import run  # pylint: disable=g-import-not-at-top
+  from fiat_jax import experiment, optim, train  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   cli.parse_gin([f'--gin.{binding}'], 'test')
   try:
     with pytest.raises(TypeError, match=re.escape(message)):
-      run.Experiment(), run.Recipe(), run.train.TrainConfig()
+      experiment.Experiment(), experiment.Recipe(), train.TrainConfig()
   finally:
     gin.clear_config()
-  assert run.train.TrainConfig(num_steps=3, optim=run.optim.OptimConfig(learning_rate=1)).num_steps == 3
+  assert train.TrainConfig(num_steps=3, optim=optim.OptimConfig(learning_rate=1)).num_steps == 3

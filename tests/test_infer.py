@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from fiat_jax import cli
+from fiat_jax import experiment
 from fiat_jax import infer
 from fiat_jax import readers
 from fiat_jax import run
@@ -78,7 +79,7 @@ def test_merge_is_exact_for_the_trained_run(trained):
   root, argv = trained
   gin.clear_config()
   cli.parse_gin(argv, 'test')
-  _, cfg, variables, _ = run.load_tau(run.Experiment(), run.Recipe())
+  _, cfg, variables, _ = experiment.load_tau(experiment.Experiment(), experiment.Recipe())
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
   variables['lora'] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
                                              variables['lora'])  # as after a long training
@@ -89,5 +90,5 @@ def test_merge_is_exact_for_the_trained_run(trained):
   base, _ = model_lib.Transformer(dataclasses.replace(cfg, lora=None)).apply({'params': variables['params']}, tokens)
   assert float(jnp.max(jnp.abs(a - base))) > 1e-2  # the adapter changes the outputs
   assert float(jnp.max(jnp.abs(a - b))) < 1e-4
-  assert os.path.exists(os.path.join(run.Experiment().run_dir, run.TRAINABLE_FILE))
+  assert os.path.exists(os.path.join(experiment.Experiment().run_dir, experiment.TRAINABLE_FILE))
   gin.clear_config()

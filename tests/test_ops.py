@@ -195,12 +195,12 @@ def test_fused_chunked_cross_entropy_equals_reference(z_loss, smoothing):
 def test_a_run_chooses_its_kernels_through_gin():
   """`--gin.tau_model.kernels='reference'` reaches τ's Config (and the tiny τ's), the same weights either way."""
   import gin  # pylint: disable=g-import-not-at-top
-  from fiat_jax import cli, run  # pylint: disable=g-import-not-at-top
+  from fiat_jax import cli, experiment  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   cli.parse_gin(['--gin.tau_model.tiny=True', "--gin.tau_model.kernels='reference'"], 'test')
-  cfg, params, _, _ = run.tau_model()
+  cfg, params, _, _ = experiment.tau_model()
   gin.clear_config()
-  fused_cfg, fused_params, _, _ = run.tau_model(tiny=True)
+  fused_cfg, fused_params, _, _ = experiment.tau_model(tiny=True)
   assert (cfg.kernels, fused_cfg.kernels) == ('reference', 'fused')
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                   jax.tree_util.tree_leaves(fused_params)))

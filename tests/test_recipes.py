@@ -8,8 +8,10 @@ import pytest
 
 from fiat_jax import cli
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as fiat has them)
+from fiat_jax import experiment
 from fiat_jax import readers
 from fiat_jax import run
+from fiat_jax import train
 import store_helpers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
@@ -56,8 +58,8 @@ def test_every_gin_file_loads_with_tiny_tau(path, tmp_path):
                                   "MINIATURE_TAU_IT='/tmp/w/tau_it'", "MINIATURE_TAU_BASE='/tmp/w/tau_base'"])
   else:
     parse([rel, 'tiny.gin'], tmp_path)
-  exp, recipe = run.Experiment(), run.Recipe()
-  cfg = run.train.TrainConfig()
+  exp, recipe = experiment.Experiment(), experiment.Recipe()
+  cfg = train.TrainConfig()
   assert cfg.num_steps >= 1 and cfg.optim.learning_rate > 0
   if rel.startswith('runs/'):
     setting, name = rel.split('/')[1], os.path.basename(rel)[:-4]
@@ -123,7 +125,7 @@ def test_recipe_runs_end_to_end_and_writes_metrics(setting, name, stores, tmp_pa
   assert m['steps'] == 2 and m['best']['step'] == 2
   lines = (run_dir / 'predictions_test.jsonl').read_text().splitlines()
   assert len(lines) == test['n']
-  assert (run_dir / run.TRAINABLE_FILE).stat().st_size > 0
+  assert (run_dir / experiment.TRAINABLE_FILE).stat().st_size > 0
   log = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in log if 'loss' in r] == [1, 2]
   gin.clear_config()
@@ -170,7 +172,7 @@ def test_figure6_runs_differ_only_in_the_instruction_and_the_base(setting, size,
   cfg, recipes = {}, {}
   for row in rows:
     cfg[row] = bindings(f'runs/{setting}/{size}_{row}.gin', tmp_path)
-    recipes[row] = run.Recipe()
+    recipes[row] = experiment.Recipe()
     assert (cfg[row]['Experiment.name'], cfg[row]['Experiment.row']) == (f"'{size}_{row}'", f"'{row}'")
   gin.clear_config()
 
@@ -192,10 +194,10 @@ def test_every_run_selects_checkpoints_on_the_whole_validation_split(tmp_path):
   assert len(paths) >= 50
   for rel in paths:
     bindings(rel, tmp_path)
-    assert run.Experiment().max_eval_examples is None, rel
+    assert experiment.Experiment().max_eval_examples is None, rel
   # The subsample stays an option: an int keeps that many validation examples per language.
   parse(['runs/xtreme_up_indic/xs_fiat.gin'], tmp_path, extra=['Experiment.max_eval_examples = 1'])
-  assert run.Experiment().max_eval_examples == 1
+  assert experiment.Experiment().max_eval_examples == 1
   gin.clear_config()
   examples = [{'id': str(i), 'language': lang} for i, lang in enumerate(['as', 'hi', 'as', 'mr', 'hi', 'as'])]
   kept = run._subsample(examples, 1, seed=0)
@@ -227,14 +229,15 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
   texts = {}
   for field in ('rationale', 'raw'):
     parse(['runs/xor_attriqa/xs_fiat.gin', 'tiny.gin'], tmp_path, extra=[f"Recipe.rationale_field = '{field}'"])
-    exp, recipe = run.Experiment(), run.Recipe()
-    _, _, vocab, _ = run.tau_model()
-    rows = data.eval_examples(run.format_with_i_tau(exp, recipe, vocab), 'test')
+    exp, recipe = experiment.Experiment(), experiment.Recipe()
+    _, _, vocab, _ = experiment.tau_model()
+    rows = data.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), 'test')
     texts[field] = {r['id']: r['inputs_pretokenized'] for r in rows}
     os.makedirs(exp.run_dir, exist_ok=True)
-    run.write_provenance(exp.run_dir)
-    m = run.write_metrics(exp.run_dir, exp, recipe, {})
-    assert json.loads(open(os.path.join(exp.run_dir, run.METRICS_FILE)).read())['recipe']['rationale_field'] == field
+    experiment.write_provenance(exp.run_dir)
+    m = experiment.write_metrics(exp.run_dir, exp, recipe, {})
+    metrics_file = os.path.join(exp.run_dir, experiment.METRICS_FILE)
+    assert json.loads(open(metrics_file).read())['recipe']['rationale_field'] == field
     assert f"Recipe.rationale_field = '{field}'" in open(os.path.join(exp.run_dir, 'config.gin')).read()
     assert m['recipe']['rationale_field'] == field
   assert len(texts['raw']) == 15
@@ -243,5 +246,5 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
     assert f'{data.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
     assert 'Answer: yes' not in texts['rationale'][i]
   with pytest.raises(ValueError, match="Recipe.rationale_field: 'answer' is not one of"):
-    run.Recipe(rationale_field='answer')
+    experiment.Recipe(rationale_field='answer')
   gin.clear_config()

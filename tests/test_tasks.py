@@ -247,8 +247,8 @@ def test_seqio_task_tokenizes_and_carries_metrics():
 
 
 def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
-  """A seqio.Evaluator runs the task's own postprocess and metric fns: the numbers `fiat evaluate` (run.evaluate's
-  definition.score over τ's postprocessed outputs) and `fiat score` give."""
+  """A seqio.Evaluator runs the task's own postprocess and metric fns: the numbers `fiat evaluate`
+  (evaluation.evaluate's definition.score over τ's postprocessed outputs) and `fiat score` give."""
   data.use(data.TaskData(XOR, vocabulary=VOCAB))
   outputs, scores = ['Yes', 'no.', 'hmm'], [0.0, 1.0, 2.0]  # hmm: no label word, counted wrong
   evaluator = seqio.Evaluator('xor_attriqa_bn_finetune', seqio.DecoderFeatureConverter(pack=False), eval_split='test',
@@ -266,17 +266,17 @@ def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
 
 @pytest.mark.parametrize('recipe', data.RECIPES)
 def test_tau_example_formats_as_the_task_does(tmp_path, recipe):
-  """`fiat infer` / `fiat evaluate --reliance` format one example with run.tau_example: the task's exact inputs,
-  also when the passage is cut (distilled CoT's '[label] ' prefix counts against inputs_length)."""
-  from fiat_jax import run  # pylint: disable=g-import-not-at-top
+  """`fiat infer` / `fiat evaluate --reliance` format one example with experiment.tau_example: the task's exact
+  inputs, also when the passage is cut (distilled CoT's '[label] ' prefix counts against inputs_length)."""
+  from fiat_jax import experiment  # pylint: disable=g-import-not-at-top
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR,
                           replies=lambda ex: f'It reads {ex["id"]}.\nAnswer: no\n')
   ingredients = {'fiat': {}, 'no_cot': {'rationale': 'none'}, 'no_instruction': {'instruction': False},
                  'finetune': {'rationale': 'none', 'instruction': False}, 'distilled_cot': {'rationale': 'distilled'}}
-  tau_recipe = run.Recipe(rationale_field='raw', **ingredients[recipe])
+  tau_recipe = experiment.Recipe(rationale_field='raw', **ingredients[recipe])
   assert tau_recipe.data_recipe == recipe
   lengths = {'fiat': 740, 'no_cot': 650, 'no_instruction': 255, 'finetune': 205, 'distilled_cot': 650}
-  exp = run.Experiment(dataset='xor_attriqa', inputs_length=lengths[recipe])  # a few passages are cut
+  exp = experiment.Experiment(dataset='xor_attriqa', inputs_length=lengths[recipe])  # a few passages are cut
   data.use(data.TaskData(XOR, store_dir, VOCAB, exp.inputs_length, rationale_field='raw'))
   rows = data.eval_examples(f'xor_attriqa_{recipe}', 'test')
   assert data.truncation_stats(f'xor_attriqa_{recipe}', 'test')['truncated'] == (5 if recipe == 'distilled_cot' else 4)
@@ -284,5 +284,5 @@ def test_tau_example_formats_as_the_task_does(tmp_path, recipe):
   stored = store.select(store_dir, 'xor_attriqa', raw).by_id(raw)
   rationales = [stored[ex['id']]['raw'] if recipe in data.RATIONALE_INPUT_RECIPES else None for ex in raw]
   for row, ex, rationale in zip(rows, raw, rationales):
-    mine = run.tau_example(exp, tau_recipe, VOCAB, ex, rationale)
+    mine = experiment.tau_example(exp, tau_recipe, VOCAB, ex, rationale)
     assert (mine['inputs_pretokenized'], mine['inputs']) == (row['inputs_pretokenized'], row['inputs'])
