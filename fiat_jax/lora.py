@@ -7,7 +7,9 @@ A variant is one `Variant` entry in VARIANTS: its tensors (with logical axes and
 unmerge, LoRA+ matrices and PEFT adapter layout. The model, trainer, optimizer, sharding and export read the entry,
 so adding a variant is adding an entry. `embed` / `unembed` targets use plain LoRA under every variant.
 `lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) come from ops.py,
-with hand-written gradients; a variant's own terms can be plain jnp code, which autodiff differentiates.
+with hand-written gradients, and so does `dense` (x W of a projection without LoRA, and the unembedding: one 2-D
+product, whose weight gradient XLA takes without a transposed copy); a variant's own terms can be plain jnp code,
+which autodiff differentiates.
 """
 import dataclasses
 import math
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiat_jax import config_check
-from fiat_jax.ops import lora_dense, low_rank
+from fiat_jax.ops import dense, lora_dense, low_rank
 
 DENSE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBED_TARGETS = ("embed", "unembed")
@@ -295,7 +297,7 @@ class Dense(nn.Module):
     if _active(self.lora, self.name, self):
       y = self.project(x, kernel, deterministic)
     else:
-      y = jnp.dot(x, kernel.astype(self.dtype))
+      y = dense(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.features,), self.param_dtype)
@@ -341,7 +343,7 @@ class Embed(nn.Module):
   def attend(self, h_BLD, deterministic=True):
     h_BLD = h_BLD.astype(self.dtype)
     kernel_DV = self.embedding.T if self.tied else self.unembed
-    logits = jnp.dot(h_BLD, kernel_DV.astype(self.dtype))
+    logits = dense(h_BLD, kernel_DV.astype(self.dtype))
     if _active(self.lora, "unembed", self):
       a_DR, b_RV = _get(self, "lora", "unembed_a"), _get(self, "lora", "unembed_b")
       logits = logits + low_rank(h_BLD, a_DR.astype(self.dtype), b_RV.astype(self.dtype), self.lora.scale)

@@ -3,8 +3,9 @@
 `Config.kernels` picks the form of attention and the gated MLP: "reference" (plain jnp, autodiff gradients),
 "fused" (custom VJPs that keep fewer activations for the backward pass, and causal attention in query blocks) or
 "xla_attention" (attention by `jax.nn.dot_product_attention`, whose cuDNN / TPU lowerings suit accelerators; the MLP
-stays fused). The LoRA products always run fused: lora.py's projections do not see the model's Config. Why each
-fused form is shaped as it is, with its measurements: benchmarks/README.md. Axis legend as in model.py.
+stays fused). The LoRA products and the plain projection (`dense`) always run in their own form: lora.py's
+projections do not see the model's Config. Why each fused form is shaped as it is, with its measurements:
+benchmarks/README.md. Axis legend as in model.py.
 """
 import functools
 import math
@@ -172,6 +173,23 @@ def _gated_bwd(activation, residuals, g_BLF):
 
 
 fused_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+# ---- Projections (lora.py's Dense and Embed call this) ---------------------------------------------------------------
+
+def dense_reference(x, w_IO):
+  """x w over x's last axis, as jnp writes it (a batched product over x's leading axes)."""
+  return jnp.dot(x, w_IO)
+
+
+def dense(x, w_IO):
+  """dense_reference as one 2-D product over x's flattened leading axes: the same values, and autodiff's weight
+  gradient becomes one [rows, in]^T [rows, out] product of the operands as they are. From the batched form
+  (contracting [B, L, in] with [B, L, out] over B and L) XLA's CPU backend first writes the output gradient
+  transposed, [out, B*L]: in full fine-tuning the gated unit's backward pass then ran as such a strided copy for
+  the gate's and the up projection's gradients of every layer, and the unembedding's gradient copied each chunk's
+  [B*C, V] logit gradient (frozen weights, as under LoRA, get no gradient and no copy)."""
+  return jnp.dot(x.reshape(-1, x.shape[-1]), w_IO).reshape(*x.shape[:-1], w_IO.shape[-1])
 
 
 # ---- LoRA products (lora.py's variants call these) ------------------------------------------------------------------

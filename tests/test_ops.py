@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from fiat_jax import hf
+from fiat_jax import lora as lora_lib
 from fiat_jax import losses
 from fiat_jax import model as model_lib
 from fiat_jax import ops
+from fiat_jax import train
 import helpers
 from test_model import VARIANTS
 
@@ -114,6 +116,18 @@ def test_fused_lora_products_equal_reference(name):
     _close((got, got_vjp(g)), (want, want_vjp(g)), 1e-13)
 
 
+
+def test_dense_equals_reference():
+  """A projection as one 2-D product over the flattened rows against jnp.dot on [B, L, in]: the value and the
+  gradients of x and W, in float64."""
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    x, g = (jnp.asarray(rng.normal(size=(2, 5, s))) for s in (6, 7))
+    w = jnp.asarray(rng.normal(size=(6, 7)))
+    got, got_vjp = jax.vjp(ops.dense, x, w)
+    want, want_vjp = jax.vjp(ops.dense_reference, x, w)
+    _close((got, got_vjp(g)), (want, want_vjp(g)), 1e-13)
+
 def _model_logits_and_grads(cfg, params, tokens, **kw):
   logits = lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]
   return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
@@ -136,6 +150,38 @@ def test_model_fused_kernels_equal_reference(name, prefix_lm, monkeypatch):
     want = _model_logits_and_grads(dataclasses.replace(cfg, kernels="reference"), params, tokens, **PACKED)
     _close(got, want, 1e-12)
 
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_untied"])
+def test_full_fine_tuning_gradients_with_dense_equal_plain_dot(name, monkeypatch):
+  """Full fine-tuning's gradients of every projection and of the tied or untied unembedding, with lora.py's
+  projections as ops.dense, against jax.grad through jnp.dot on [B, L, in]: the model's logits and gradients in
+  float64 (within 1e-12), and train.loss_and_grads with the fused chunked loss in float32 (the loss runs in float32;
+  within 1e-6 of each leaf's largest gradient)."""
+  tokens = jnp.arange(1, 33).reshape(2, 16) * 7
+  batch = dict(decoder_input_tokens=tokens[:, :-1] % 250, decoder_target_tokens=tokens[:, 1:] % 250,
+               decoder_loss_weights=jnp.ones((2, 15), jnp.float32).at[0, :4].set(0.0))
+  tcfg = train.TrainConfig(mode="full", loss_chunk=5)
+
+  def run():
+    cfg32 = model_lib.tiny_config(**VARIANTS[name])
+    params32 = helpers.tiny_params(cfg32)
+    step = jax.jit(lambda p: train.loss_and_grads({"params": p}, {}, batch, None, model=model_lib.Transformer(cfg32),
+                                                   tcfg=tcfg))
+    out32 = step(params32)
+    with jax.enable_x64(True):
+      cfg = dataclasses.replace(cfg32, dtype="float64", param_dtype="float64")
+      params = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), params32)
+      return _model_logits_and_grads(cfg, params, tokens % cfg.vocab_size, **PACKED), out32
+
+  got64, got32 = run()
+  monkeypatch.setattr(lora_lib, "dense", ops.dense_reference)
+  want64, want32 = run()
+  with jax.enable_x64(True):
+    _close(got64, want64, 1e-12)
+  _close(got32[:2], want32[:2], 1e-6)
+  _close(got32[3], want32[3], 1e-6)
+  assert min(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(got32[3])) > 1e-4
 
 @pytest.mark.parametrize("name,prefix_lm", [("llama_gqa", True), ("gemma3", False)])
 def test_model_xla_attention_equals_reference_with_and_without_a_cache(name, prefix_lm):
