@@ -39,6 +39,7 @@ import jax
 import numpy as np
 import seqio
 
+from fiat_jax import batches as batches_lib
 from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import decoding
@@ -152,8 +153,8 @@ def pretrain(name: str, cfg: model_lib.Config, examples: list[dict], steps: int,
                            save_every=steps, keep=1, tensorboard=False,
                            optim=optim.OptimConfig(learning_rate=lr, warmup_steps=max(1, steps // 20),
                                                    schedule='cosine'))
-  batches = lambda start: data.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
-                                               where=name)
+  batches = lambda start: batches_lib.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
+                                                      where=name)
   t0 = time.time()
   res = train.train(tcfg, cfg, params, batches, f'{name}-{len(examples)}', os.path.join(out_dir, 'train'))
   print(f'demo: {name}: {steps} steps on {len(examples)} examples in {time.time() - t0:.0f} s')
