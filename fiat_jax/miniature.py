@@ -161,6 +161,8 @@ def reading_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 def tokenizer_lines(extra_texts=()) -> list[str]:
   """Text the SentencePiece model is trained on: the world, β's and τ's prompts (every I_τ / I_β word)."""
   lines = list(extra_texts) + [I_BETA_INSTRUCTION, IT_INSTRUCTION, COPY_INSTRUCTION, NO_ANSWER]
+  # τ's instruction prompts too: without them "Where" began with an unknown piece and "work?" split as "wor"+"k"
+  lines += [prompt + ' ' + answer for prompt, answer in instruction_pairs(300, 97)]
   for lang in LANGUAGES:
     lines += [t.format(X=nm) for t in TEMPLATES[lang].values() for nm in NAMES[:6]]
   for ex in examples(600, 99):

@@ -44,6 +44,17 @@ def test_reading_pairs_are_held_out_one_hop_questions():
     assert answer == miniature.NO_ANSWER or answer in passage.split(' ') or answer + '.' in passage.split(' ')
 
 
+def test_the_world_tokenizer_has_a_piece_for_every_reading_prompt(tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  vocab = seqio.SentencePieceVocabulary(miniature.train_sentencepiece(str(tmp_path / 'sp'), miniature.tokenizer_lines()))
+  unk = vocab.tokenizer.unk_id()
+  held_out = miniature.reading_pairs(50, demo.READER_SEED)
+  assert not [p for p, a in held_out if unk in vocab.encode(p + ' ' + a)]
+  # whole words, as in the passages: the question's "work" is the piece "▁work", not "▁wor" + "k"
+  assert [vocab.tokenizer.id_to_piece(i) for i in vocab.encode('Where does Vik work?')] == [
+      '▁Where', '▁does', '▁Vik', '▁work', '?']
+
+
 def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, capsys):
   out = tmp_path / 'demo'
   assert demo.main(['--quick', f'--out_dir={out}']) == 0
