@@ -14,6 +14,7 @@ import gin
 import jax
 import numpy as np
 
+from fiat_jax import batches as batches_lib
 from fiat_jax import cli
 from fiat_jax import data
 from fiat_jax import distributed
@@ -99,9 +100,9 @@ def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[
   model = model_lib.Transformer(model_cfg)
   lengths = {'inputs': exp.inputs_length, 'targets': exp.targets_length}
   rows = tcfg.batch_size // jax.process_count()
-  batches = lambda start: data.train_batches(task, 'train', lengths, rows, seed=exp.seed,
-                                             shard_index=jax.process_index(), num_shards=jax.process_count(),
-                                             start_step=start, bos_id=exp.bos_id)
+  batches = lambda start: batches_lib.train_batches(task, 'train', lengths, rows, seed=exp.seed,
+                                                    shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                                    start_step=start, bos_id=exp.bos_id)
   val = _subsample(data.eval_examples(task, exp.eval_split), exp.max_eval_examples, exp.seed)
   test = data.eval_examples(task, exp.test_split)
   final = {}
@@ -129,7 +130,8 @@ def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[
       'test': final['result'], 'best': res.best, 'steps': res.step, 'selected_step': res.selected_step,
       'task': task,
       'truncation': dict(data.truncation_stats(task, exp.test_split), train_rationale_targets=(
-          data.rationale_target_truncation(task, 'train', exp.targets_length))), 'unparsed': final['unparsed']})
+          batches_lib.rationale_target_truncation(task, 'train', exp.targets_length))),
+      'unparsed': final['unparsed']})
 
 
 # ---- Command line --------------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ class _Sigterm:
 
 
 def _batch_iterator(batches, start: int):
-  """`batches(start_step)` when callable (e.g. data.train_batches via functools.partial), else skips `start`."""
+  """`batches(start_step)` when callable (e.g. batches.train_batches via functools.partial), else skips `start`."""
   if callable(batches):
     return iter(batches(start))
   return itertools.islice(iter(batches), start, None)
