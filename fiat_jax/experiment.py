@@ -255,6 +255,13 @@ def write_tau_config(run_dir: str, model_cfg: model_lib.Config, base_path: str, 
                'selected_step': res.selected_step, 'best': res.best, 'steps': res.step}, f, indent=1)
 
 
+def merge(model_cfg: model_lib.Config, variables: dict):
+  """θ'_τ = θ_τ ⊕ θ_PEFT (nothing to merge after full fine-tuning): (merged params, their config)."""
+  if model_cfg.lora is None:
+    return variables['params'], model_cfg
+  return lora_lib.merge(model_cfg, variables['params'], variables)
+
+
 def load_tau(exp: Experiment, recipe: Recipe):
   """θ_τ plus the run's selected trained variables: (exp with τ's BOS, model_cfg, variables, vocab)."""
   path = os.path.join(exp.run_dir, TRAINABLE_FILE)

@@ -12,7 +12,6 @@ from fiat_jax import evaluation
 from fiat_jax import experiment
 from fiat_jax import model as model_lib
 from fiat_jax import readers
-from fiat_jax import run
 from fiat_jax.beta import backends
 from fiat_jax.beta import run as beta_run
 from fiat_jax.beta import store
@@ -58,7 +57,7 @@ def infer(exp: experiment.Experiment, recipe: experiment.Recipe, input_file: str
       for i, r in zip(todo, asked):
         rationales[i], sources[i] = r, 'beta'
   exp, cfg, variables, vocab = experiment.load_tau(exp, recipe)
-  merged, merged_cfg = run.merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
+  merged, merged_cfg = experiment.merge(cfg, variables)  # θ'_τ = θ_τ ⊕ θ_PEFT
   model = model_lib.Transformer(merged_cfg)
   examples = [experiment.tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(inputs, rationales)]
   out = evaluation.decode(model, {'params': merged}, vocab, examples, exp.dataset,

@@ -52,13 +52,6 @@ def generate_rationales(exp: experiment.Experiment, beta: experiment.Beta, split
   return result
 
 
-def merge(model_cfg: model_lib.Config, variables: dict):
-  """θ'_τ = θ_τ ⊕ θ_PEFT (nothing to merge after full fine-tuning): (merged params, their config)."""
-  if model_cfg.lora is None:
-    return variables['params'], model_cfg
-  return lora_lib.merge(model_cfg, variables['params'], variables)
-
-
 def _subsample(examples: list[dict], per_language: Optional[int], seed: int) -> list[dict]:
   if per_language is None:
     return examples

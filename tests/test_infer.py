@@ -83,7 +83,7 @@ def test_merge_is_exact_for_the_trained_run(trained):
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
   variables['lora'] = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
                                              variables['lora'])  # as after a long training
-  merged, merged_cfg = run.merge(cfg, variables)
+  merged, merged_cfg = experiment.merge(cfg, variables)
   tokens = jnp.arange(1, 21, dtype=jnp.int32)[None]
   a, _ = model_lib.Transformer(cfg).apply(variables, tokens)
   b, _ = model_lib.Transformer(merged_cfg).apply({'params': merged}, tokens)
