@@ -7,9 +7,9 @@ A variant is one `Variant` entry in VARIANTS: its tensors (with logical axes and
 unmerge, LoRA+ matrices and PEFT adapter layout. The model, trainer, optimizer, sharding and export read the entry,
 so adding a variant is adding an entry. `embed` / `unembed` targets use plain LoRA under every variant.
 `lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) come from ops.py,
-with hand-written gradients, and so does `dense` (x W of a projection without LoRA, and the unembedding: one 2-D
-product, whose weight gradient XLA takes without a transposed copy); a variant's own terms can be plain jnp code,
-which autodiff differentiates.
+with hand-written gradients; `dense` (x W of a projection without LoRA, and the unembedding) also comes from ops.py:
+one 2-D product, whose autodiff weight gradient XLA takes without a transposed copy. A variant's own terms can be
+plain jnp code, which autodiff differentiates.
 """
 import dataclasses
 import math

@@ -116,7 +116,6 @@ def test_fused_lora_products_equal_reference(name):
     _close((got, got_vjp(g)), (want, want_vjp(g)), 1e-13)
 
 
-
 def test_dense_equals_reference():
   """A projection as one 2-D product over the flattened rows against jnp.dot on [B, L, in]: the value and the
   gradients of x and W, in float64."""
@@ -127,6 +126,7 @@ def test_dense_equals_reference():
     got, got_vjp = jax.vjp(ops.dense, x, w)
     want, want_vjp = jax.vjp(ops.dense_reference, x, w)
     _close((got, got_vjp(g)), (want, want_vjp(g)), 1e-13)
+
 
 def _model_logits_and_grads(cfg, params, tokens, **kw):
   logits = lambda p: model_lib.Transformer(cfg).apply({"params": p}, tokens, **kw)[0]
@@ -149,7 +149,6 @@ def test_model_fused_kernels_equal_reference(name, prefix_lm, monkeypatch):
     got = _model_logits_and_grads(cfg, params, tokens, **PACKED)
     want = _model_logits_and_grads(dataclasses.replace(cfg, kernels="reference"), params, tokens, **PACKED)
     _close(got, want, 1e-12)
-
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_untied"])
@@ -182,6 +181,7 @@ def test_full_fine_tuning_gradients_with_dense_equal_plain_dot(name, monkeypatch
   _close(got32[:2], want32[:2], 1e-6)
   _close(got32[3], want32[3], 1e-6)
   assert min(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(got32[3])) > 1e-4
+
 
 @pytest.mark.parametrize("name,prefix_lm", [("llama_gqa", True), ("gemma3", False)])
 def test_model_xla_attention_equals_reference_with_and_without_a_cache(name, prefix_lm):
