@@ -40,7 +40,7 @@ def train_batches(task_or_mixture: str, split: str, feature_lengths: Mapping[str
                   start_step: int = 0, pack: bool = False, bos_id: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite per-host batches of a registered task's split (feature_batches over its tokenized examples)."""
-  return feature_batches(data._tokenized(task_or_mixture, split), feature_lengths, batch_size, seed=seed,
+  return feature_batches(data.tokenized(task_or_mixture, split), feature_lengths, batch_size, seed=seed,
                          shard_index=shard_index, num_shards=num_shards, start_step=start_step, pack=pack,
                          bos_id=bos_id, where=f'{task_or_mixture} {split}')
 
@@ -109,7 +109,7 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
 
 def rationale_target_truncation(task_or_mixture: str, split: str, targets_length: int) -> dict:
   """How many rationale targets (distilled CoT) train_batches cuts to targets_length, by how many tokens."""
-  return _cut_rationale_targets(data._tokenized(task_or_mixture, split), targets_length)[1]
+  return _cut_rationale_targets(data.tokenized(task_or_mixture, split), targets_length)[1]
 
 
 def _cut_rationale_targets(examples: Sequence[Mapping[str, Any]], targets_length: int

@@ -400,7 +400,7 @@ def task_names(task_or_mixture: str) -> list[str]:
   return [name for name in members if _TASKS[name][1] in present]
 
 
-def _tokenized(task_or_mixture: str, split: str) -> list[dict]:
+def tokenized(task_or_mixture: str, split: str) -> list[dict]:
   """Token ids (and text features) of every example through the seqio tasks (mixtures: concatenated)."""
   if split not in readers.SPLITS:
     raise ValueError(f'unknown split {split!r}; expected one of {readers.SPLITS}')
@@ -426,15 +426,15 @@ def _tokenized(task_or_mixture: str, split: str) -> list[dict]:
 
 def truncation_stats(task_or_mixture: str, split: str) -> dict:
   """How many inputs were truncated and by how many tokens on average."""
-  cut = [r['tokens_cut'] for r in _tokenized(task_or_mixture, split) if r['tokens_cut']]
-  return {'examples': len(_tokenized(task_or_mixture, split)), 'truncated': len(cut),
+  cut = [r['tokens_cut'] for r in tokenized(task_or_mixture, split) if r['tokens_cut']]
+  return {'examples': len(tokenized(task_or_mixture, split)), 'truncated': len(cut),
           'mean_tokens_cut': float(np.mean(cut)) if cut else 0.0}
 
 
 def fingerprint(task_or_mixture: str, split: str) -> str:
   """sha256 (first 16 hex) of the ordered examples' ids and token ids."""
   h = hashlib.sha256()
-  for ex in _tokenized(task_or_mixture, split):
+  for ex in tokenized(task_or_mixture, split):
     h.update(json.dumps([ex['id'], ex['inputs'].tolist(), ex['targets'].tolist()]).encode())
   return h.hexdigest()[:16]
 
@@ -444,4 +444,4 @@ def eval_examples(task_or_mixture: str, split: str) -> list[dict[str, Any]]:
   vocab = task_data().vocabulary
   return [{'task': r['task'], 'id': r['id'], 'language': r['language'], 'inputs_pretokenized': r['inputs_pretokenized'],
            'targets_pretokenized': r['targets_pretokenized'], 'inputs': vocab.encode(r['inputs_pretokenized']),
-           'example': json.loads(r['example'])} for r in _tokenized(task_or_mixture, split) if r['kind'] == 'label']
+           'example': json.loads(r['example'])} for r in tokenized(task_or_mixture, split) if r['kind'] == 'label']

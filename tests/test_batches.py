@@ -20,7 +20,7 @@ def _register(data_dir=XQA, inputs_length=None):
 
 
 def _example_tokens(name, split, index):
-  ex = data._tokenized(name, split)[index]
+  ex = data.tokenized(name, split)[index]
   return np.concatenate([ex['inputs'], ex['targets']])
 
 
@@ -36,7 +36,7 @@ def test_batches_are_prefix_lm_features_in_shuffled_order():
     for row in range(4):
       index = next(order)
       tokens = _example_tokens('xtreme_up_xqa_full_finetune', 'train', index)
-      n_in = len(data._tokenized('xtreme_up_xqa_full_finetune', 'train')[index]['inputs'])
+      n_in = len(data.tokenized('xtreme_up_xqa_full_finetune', 'train')[index]['inputs'])
       np.testing.assert_array_equal(batch['decoder_target_tokens'][row, :len(tokens)], tokens)
       assert batch['decoder_loss_weights'][row].sum() == len(tokens) - n_in  # Loss on targets only.
       assert batch['decoder_causal_attention'][row, :n_in].all()  # Bidirectional over inputs.
@@ -112,7 +112,7 @@ def test_batches_of_a_distilled_task_follow_the_stream_order(tmp_path):
                             splits=('train',))  # `fiat rationales`, β writing a 50-byte rationale
   data.use(data.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi']))
   name = 'xtreme_up_xqa_hi_distilled_cot'
-  tokenized = data._tokenized(name, 'train')
+  tokenized = data.tokenized(name, 'train')
   assert [ex['kind'] for ex in tokenized] == ['label', 'rationale'] * 3
   it = batches.train_batches(name, 'train', {'inputs': 1024, 'targets': 32}, 2, seed=4, start_step=1)
   order = batches._local_order(6, 4, 0, 1, 2)

@@ -20,7 +20,7 @@ def _register(data_dir=XQA, inputs_length=None):
 
 def test_passage_is_cut_first_from_its_end():
   _register(inputs_length=150)
-  rows = data._tokenized('xtreme_up_xqa_hi_finetune', 'train')
+  rows = data.tokenized('xtreme_up_xqa_hi_finetune', 'train')
   stats = data.truncation_stats('xtreme_up_xqa_hi_finetune', 'train')
   originals = readers.read_split('xtreme_up_xqa', XQA, 'train', ['hi'])
   cuts = []
@@ -41,7 +41,7 @@ def test_passage_is_cut_first_from_its_end():
   _register(inputs_length=60)
   with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_hi_finetune train example .* without any passage, '
                                               r'more than inputs_length=60'):
-    data._tokenized('xtreme_up_xqa_hi_finetune', 'train')
+    data.tokenized('xtreme_up_xqa_hi_finetune', 'train')
 
 
 def test_truncation_with_sentencepiece(tmp_path):

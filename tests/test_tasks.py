@@ -224,7 +224,7 @@ def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, splits=('train',))
   data.use(data.TaskData(XQA, store_dir, VOCAB, languages=['mr']))
   rows = [dict(r, inputs=r['inputs_pretokenized'], targets=r['targets_pretokenized'], example=json.loads(r['example']))
-          for r in data._tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
+          for r in data.tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
