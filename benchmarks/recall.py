@@ -159,6 +159,10 @@ def peer_trainer(peer, args):
   return update, accuracy
 
 
+def _pct(x: float) -> str:
+  return '-' if np.isnan(x) else f'{100 * x:.1f}%'
+
+
 def main(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--task', choices=('recall', 'copy'), default='recall')
@@ -199,8 +203,8 @@ def main(argv):
              'ours_loss': float(np.mean(losses['ours'][-args.eval_every:])),
              'peer_loss': float(np.mean(losses['peer'][-args.eval_every:]))}
       curve.append(row)
-      print(f'| {step} | {100 * row["ours"]:.1f}% | {100 * row["peer"]:.1f}% | {row["ours_loss"]:.3f} | '
-            f'{row["peer_loss"]:.3f} |', flush=True)
+      print(f'| {step} | {_pct(row["ours"])} | {_pct(row["peer"])} | {row["ours_loss"]:.3f} | '
+            f'{row["peer_loss"]:.3f} |'.replace('nan', '-'), flush=True)
     if step == args.steps:
       break
   print(f'{time.time() - t0:.0f} s for {args.steps} updates of each')
