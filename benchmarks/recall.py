@@ -159,8 +159,11 @@ def peer_trainer(peer, args):
   return update, accuracy
 
 
-def _pct(x: float) -> str:
-  return '-' if np.isnan(x) else f'{100 * x:.1f}%'
+def _cell(row: dict, side: str, key: str) -> str:
+  """One table cell: accuracy in percent or mean loss; '-' for a side that did not run (--ours_only)."""
+  if side not in row:
+    return '-'
+  return f'{100 * row[side]:.1f}%' if key == 'accuracy' else f'{row[side + "_loss"]:.3f}'
 
 
 def main(argv):
@@ -182,9 +185,9 @@ def main(argv):
   torch.set_num_threads(1)
   with tempfile.TemporaryDirectory() as ckpt:
     peer, model, params = build(args, ckpt)
-  ours_update, ours_acc = ours_trainer(model, params, args)
-  peer_update, peer_acc = peer_trainer(peer, args) if not args.ours_only else (lambda *_: float('nan'),
-                                                                                  lambda *_: float('nan'))
+  sides = {'ours': ours_trainer(model, params, args)}
+  if not args.ours_only:
+    sides['peer'] = peer_trainer(peer, args)
   test = test_set(args.task, args.pairs)
   if args.task == 'recall':
     chance, test_rows = 1 / args.pairs, f'500 rows of {args.pairs} pairs (any value of the row'
@@ -194,17 +197,18 @@ def main(argv):
         f'test: {test_rows}: {100 * chance:.1f}%)')
   print('| step | ours: accuracy | transformers: accuracy | ours: loss | transformers: loss |')
   print('|---:|---:|---:|---:|---:|')
-  curve, losses, t0 = [], {'ours': [], 'peer': []}, time.time()
+  curve, losses, t0 = [], {side: [] for side in sides}, time.time()
   for step, (tokens, answer_at) in enumerate(batches(args.task, args.pairs, args.batch, args.seed), start=1):
-    losses['ours'].append(ours_update(tokens, answer_at))
-    losses['peer'].append(peer_update(tokens, answer_at))
+    for side, (update, _) in sides.items():
+      losses[side].append(update(tokens, answer_at))
     if step % args.eval_every == 0 or step == args.steps:
-      row = {'step': step, 'ours': ours_acc(*test), 'peer': peer_acc(*test),
-             'ours_loss': float(np.mean(losses['ours'][-args.eval_every:])),
-             'peer_loss': float(np.mean(losses['peer'][-args.eval_every:]))}
+      row = {'step': step}
+      for side, (_, accuracy) in sides.items():
+        row[side] = accuracy(*test)
+        row[side + '_loss'] = float(np.mean(losses[side][-args.eval_every:]))
       curve.append(row)
-      print(f'| {step} | {_pct(row["ours"])} | {_pct(row["peer"])} | {row["ours_loss"]:.3f} | '
-            f'{row["peer_loss"]:.3f} |'.replace('nan', '-'), flush=True)
+      print(f'| {step} | ' + ' | '.join(_cell(row, side, key) for key in ('accuracy', 'loss')
+                                         for side in ('ours', 'peer')) + ' |', flush=True)
     if step == args.steps:
       break
   print(f'{time.time() - t0:.0f} s for {args.steps} updates of each')

@@ -426,8 +426,9 @@ def tokenized(task_or_mixture: str, split: str) -> list[dict]:
 
 def truncation_stats(task_or_mixture: str, split: str) -> dict:
   """How many inputs were truncated and by how many tokens on average."""
-  cut = [r['tokens_cut'] for r in tokenized(task_or_mixture, split) if r['tokens_cut']]
-  return {'examples': len(tokenized(task_or_mixture, split)), 'truncated': len(cut),
+  rows = tokenized(task_or_mixture, split)
+  cut = [r['tokens_cut'] for r in rows if r['tokens_cut']]
+  return {'examples': len(rows), 'truncated': len(cut),
           'mean_tokens_cut': float(np.mean(cut)) if cut else 0.0}
 
 

@@ -66,7 +66,7 @@ ROWS = (('icl', 'icl', ['recipes/icl.gin']),
         ('xs_wo_instruction', 'wo_instruction',
          ['recipes/fiat.gin', 'recipes/no_cot.gin', 'recipes/no_instruction.gin']))
 READER_EXAMPLES, READER_SEED = 200, 404  # premise 2's held-out one-hop questions (not in τ's instruction data)
-READER_PREMISE = 90.0  # exact match (%) of a competent reader: the bar for premise 2
+READER_PREMISE = 90.0  # exact match (%) expected of a competent reader (the paper's premise 2)
 
 
 @dataclasses.dataclass(frozen=True)
