@@ -24,6 +24,7 @@ setuptools.setup(
         "safetensors>=0.8.0,<0.9",
         "tokenizers>=0.23,<0.24",
         "jinja2>=3.1.6,<4",  # chat templates (hf checkpoints); 3.1.6 fixes sandbox escapes
+        "tokamax>=0.0.12,<0.1",  # the field's attention kernels (xla_chunked; Pallas flash on GPUs)
         "ml_dtypes>=0.6,<0.7",  # bfloat16 safetensors as numpy (hf.py)
         "numpy>=2.4,<3",
         "absl-py>=2.5,<3",

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fiat_jax import attention
 from fiat_jax import lora as lora_lib
 from fiat_jax import ops
 
@@ -52,10 +53,10 @@ class Config:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass.
   lora: lora_lib.LoraConfig | None = None
-  kernels: str = "fused"  # reference | fused | xla_attention: see ops.py
+  kernels: str = "auto"  # attention (and the gated unit) by backend: attention.KERNELS
 
   def __post_init__(self):
-    ops.check_kernels(self.kernels, self.attn_logit_softcap)
+    attention.check(self.kernels, self.attn_logit_softcap, self.prefix_lm)
 
   def layer_kind(self, i: int) -> str:
     return self.attention_pattern[i % len(self.attention_pattern)]
@@ -166,8 +167,10 @@ class Attention(nn.Module):
       new_cache = dict(k=k_BKSE, v=v_BKSE)
     mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
                               cfg.sliding_window if self.local else None)
-    out_BLHE = ops.attention(q_BLHE, k_BKSE, v_BKSE, mask_BLS, cfg.attn_logit_softcap, cfg.kernels,
-                             causal=cache is None and not cfg.prefix_lm)
+    out_BLHE = attention.attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, segments=(segment_BL, k_seg),
+                                window=cfg.sliding_window if self.local else None, softcap=cfg.attn_logit_softcap,
+                                kernels=cfg.kernels, causal=cache is None and not cfg.prefix_lm,
+                                prefix_lm=cfg.prefix_lm)
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLHE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
 
@@ -275,4 +278,5 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
 def init_params(cfg: Config, key, batch: int = 1, length: int = 8):
   """Random base parameters (the 'params' collection, with logical-axis metadata boxes)."""
   tokens = jnp.zeros((batch, length), jnp.int32)
-  return Transformer(dataclasses.replace(cfg, lora=None)).init(key, tokens)["params"]
+  # The parameters do not depend on the kernels; the plain form initialises at any length.
+  return Transformer(dataclasses.replace(cfg, lora=None, kernels="reference")).init(key, tokens)["params"]

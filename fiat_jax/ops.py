@@ -1,11 +1,10 @@
-"""The decoder's compute kernels, each a plain reference beside the hand-written form the CPU step runs.
+"""The decoder's hand-written compute kernels, each a plain reference beside the form the CPU step runs.
 
-`Config.kernels` picks the form of attention and the gated MLP: "reference" (plain jnp, autodiff gradients),
-"fused" (custom VJPs that keep fewer activations for the backward pass, and causal attention in query blocks) or
-"xla_attention" (attention by `jax.nn.dot_product_attention`, whose cuDNN / TPU lowerings suit accelerators; the MLP
-stays fused). The LoRA products and the plain projection (`dense`) always run in their own form: lora.py's
-projections do not see the model's Config. Why each fused form is shaped as it is, with its measurements:
-benchmarks/README.md. Axis legend as in model.py.
+attention.py picks attention by backend (`Config.kernels`); on the CPU its "fused" choice, and the CPU's gated unit,
+LoRA products and plain projections, are the custom VJPs here, shaped for XLA's CPU backend (why each is shaped as
+it is, with its measurements: benchmarks/README.md). On GPUs and TPUs the same calls take the plain forms, whose
+autodiff XLA's accelerator backends schedule well: a CPU-only speed-up never becomes an accelerator's path.
+Axis legend as in model.py.
 """
 import functools
 import math
@@ -14,34 +13,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("reference", "fused", "xla_attention")
 NEG_INF = -2.3819763e38  # a finite "minus infinity": fully masked rows stay NaN-free.
 QUERY_BLOCK = 128  # fused causal attention without a cache runs in query blocks of this many rows
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
                "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
 
 
-def check_kernels(kernels: str, attn_logit_softcap: float | None):
-  """Raises if `Config.kernels` is unknown or cannot express the configured attention."""
-  if kernels not in KERNELS:
-    raise ValueError(f"Config.kernels: {kernels!r} is not one of {', '.join(KERNELS)}")
-  if kernels == "xla_attention" and attn_logit_softcap:
-    raise ValueError(f"Config.kernels='xla_attention': jax.nn.dot_product_attention has no logit soft-capping "
-                     f"(Config.attn_logit_softcap={attn_logit_softcap}); use 'fused' or 'reference'")
+def on_cpu() -> bool:
+  """Whether the CPU-shaped custom VJPs apply (JAX's default backend is the CPU)."""
+  return jax.default_backend() == "cpu"
 
 
 # ---- Attention ---------------------------------------------------------------------------------------------------
 
 def attention(q_BLHE, k_BKSE, v_BKSE, mask_BLS, softcap, kernels: str, causal: bool):
-  """softmax(q k^T, masked, optionally soft-capped) v -> [B, L, H, E]; q comes scaled.
+  """softmax(q k^T, masked, optionally soft-capped) v -> [B, L, H, E]; q comes scaled; kernels: fused | reference.
 
   k and v are head-major (the KV cache's layout). `causal`: no key past a query's own slot is visible (no cache,
   no prefix), which lets the fused form skip the key blocks above the diagonal.
   """
-  if kernels == "xla_attention":
-    return jax.nn.dot_product_attention(q_BLHE, k_BKSE.transpose(0, 2, 1, 3).astype(q_BLHE.dtype),
-                                        v_BKSE.transpose(0, 2, 1, 3).astype(q_BLHE.dtype), mask=mask_BLS[:, None],
-                                        scale=1.0, is_causal=causal)
   B, L, H, E = q_BLHE.shape
   K = k_BKSE.shape[1]
   # Head-major: G and L adjacent, so every product is one [G*L, E] x [E, S] (or its transpose) per batch row and
@@ -129,8 +119,8 @@ fused_attention.defvjp(_attend_fwd, _attend_bwd)
 # ---- Gated MLP unit ------------------------------------------------------------------------------------------------
 
 def gated_mlp(gate_BLF, up_BLF, activation: str, kernels: str):
-  """act(gate) * up, the gated (SwiGLU / GeGLU) unit."""
-  if kernels == "reference":
+  """act(gate) * up, the gated (SwiGLU / GeGLU) unit: fused_gated under "fused", or "auto" on the CPU."""
+  if kernels == "reference" or (kernels != "fused" and not on_cpu()):
     return ACTIVATIONS[activation](gate_BLF) * up_BLF
   return fused_gated(gate_BLF, up_BLF, activation)
 
@@ -183,6 +173,11 @@ def dense_reference(x, w_IO):
 
 
 def dense(x, w_IO):
+  """x w: _dense_2d on the CPU, dense_reference on accelerators."""
+  return _dense_2d(x, w_IO) if on_cpu() else dense_reference(x, w_IO)
+
+
+def _dense_2d(x, w_IO):
   """dense_reference as one 2-D product over x's flattened leading axes: the same values, and autodiff's weight
   gradient becomes one [rows, in]^T [rows, out] product of the operands as they are. From the batched form
   (contracting [B, L, in] with [B, L, out] over B and L) XLA's CPU backend first writes the output gradient
@@ -199,8 +194,13 @@ def low_rank_reference(x, a_IR, b_RO, scale: float):
   return jnp.dot(jnp.dot(x, a_IR), b_RO) * scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def low_rank(x, a_IR, b_RO, scale: float):
+  """(x a) b * scale: _low_rank_cpu on the CPU, low_rank_reference on accelerators."""
+  return _low_rank_cpu(x, a_IR, b_RO, scale) if on_cpu() else low_rank_reference(x, a_IR, b_RO, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank_cpu(x, a_IR, b_RO, scale: float):
   """(x a) b * scale with the scale on the small rank-R intermediate, and a VJP in which each gradient is one
   matmul against a rank-R factor or intermediate (autodiff of the nested dots made XLA's CPU backend write the
   input gradients of wide projections in transposed form: a [F, B*L] copy per layer)."""
@@ -219,7 +219,7 @@ def _low_rank_bwd(scale, res, g_O):
   return (jnp.dot(g_R, a_IR.T), jnp.tensordot(g_R, x, (rows, rows)).T, jnp.tensordot(h_R, g_O, (rows, rows)))
 
 
-low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+_low_rank_cpu.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def lora_dense_reference(x, xd, w_IO, a_IR, b_RO, scale: float):
@@ -227,8 +227,16 @@ def lora_dense_reference(x, xd, w_IO, a_IR, b_RO, scale: float):
   return jnp.dot(x, w_IO) + low_rank_reference(xd, a_IR, b_RO, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def lora_dense(x, xd, w_IO, a_IR, b_RO, scale: float):
+  """x W + (xd A) B · scale: _lora_dense_cpu on the CPU, lora_dense_reference on accelerators (where the
+  concatenated [W; B] would copy every frozen weight each step)."""
+  if on_cpu():
+    return _lora_dense_cpu(x, xd, w_IO, a_IR, b_RO, scale)
+  return lora_dense_reference(x, xd, w_IO, a_IR, b_RO, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lora_dense_cpu(x, xd, w_IO, a_IR, b_RO, scale: float):
   """lora_dense_reference as one matmul, [x, s xd A] @ [W; B]: one product writes the sum, so the layer keeps one
   [.., out] activation for the backward pass, not the base and LoRA outputs side by side (XLA fuses an add into
   each consumer and keeps both addends). The backward pass is again one product over both: g [W; B]^T gives x's
@@ -252,4 +260,4 @@ def _lora_dense_bwd(scale, res, g_O):
           jnp.tensordot(h_R, g_O, (rows, rows)))
 
 
-lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
+_lora_dense_cpu.defvjp(_lora_dense_fwd, _lora_dense_bwd)
