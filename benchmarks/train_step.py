@@ -172,12 +172,12 @@ def worker_ours(args, mode: str) -> dict:
       vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], embed_dim=c["hidden_size"],
       num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
       mlp_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"], tie_embeddings=False,
-      remat=args.remat, kernels=args.kernels,
+      remat_policy="full" if args.remat else "none", kernels=args.kernels,
       lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if mode == "peft" else None)
   num_steps = args.warmup + args.steps
   tcfg = train_lib.TrainConfig(mode=mode, num_steps=num_steps, batch_size=args.batch,
                                loss_chunk=effective_chunk(args.loss_chunk, args.seq),
-                               micro_batches=args.micro_batches,
+                               micro_batches=args.micro_batches, remat_policy="full" if args.remat else "none",
                                tensorboard=False,
                                optim=optim_lib.OptimConfig(optimizer="adamw", learning_rate=LEARNING_RATE))
   model = model_lib.Transformer(cfg)
@@ -378,7 +378,7 @@ def summarise(result: dict) -> dict:
 
 def _levers(run: dict) -> str:
   out = [f"TrainConfig.loss_chunk={run['loss_chunk']}" if run["loss_chunk"] else "no loss chunking"]
-  out.append("Config.remat=True" if run["remat"] else "no remat")
+  out.append("Config.remat_policy=full" if run["remat"] else "no remat")
   out.append(f"Config.kernels={run['kernels']}")
   if run["micro_batches"] > 1:
     out.append(f"TrainConfig.micro_batches={run['micro_batches']}")
@@ -450,7 +450,7 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--seed", type=int, default=0, help="numpy seed of the token ids")
   ap.add_argument("--loss_chunk", type=int, default=32, help="ours: TrainConfig.loss_chunk (0: none)")
-  ap.add_argument("--remat", action="store_true", help="ours: model Config.remat=True")
+  ap.add_argument("--remat", action="store_true", help="ours: TrainConfig.remat_policy='full'")
   ap.add_argument("--kernels", default="fused", choices=("reference", "fused", "xla_attention"),
                   help="ours: model Config.kernels (fiat_jax/ops.py)")
   ap.add_argument("--micro_batches", type=int, default=1,

@@ -58,13 +58,14 @@ def resolve(kernels: str, softcap: float | None, prefix_lm: bool, dtype, platfor
 
 
 def attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, *, segments, window, softcap, kernels: str, causal: bool,
-           prefix_lm: bool):
+           prefix_lm: bool, local=True):
   """softmax(q k^T, masked, optionally soft-capped) v -> [B, L, H, E]; q comes scaled; k, v head-major.
 
   Args:
     mask_BLS: the full mask (segments, causality or the prefix, the window), which every form but splash reads.
     segments: (q_seg_BL, k_seg_BS), the packed segment ids splash masks with.
-    window: the sliding window of a local layer, or None.
+    window: the sliding window of a local layer, or None; with `local` traced (scanned layers of mixed kinds) the
+      window applies where `local` holds.
     causal: no cache and no prefix: key slot <= query slot, which the flash kernels skip blocks by.
   """
   kind = resolve(kernels, softcap, prefix_lm, q_BLHE.dtype)
@@ -73,7 +74,10 @@ def attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, *, segments, window, softcap, kerne
   if kind in ("fused", "reference"):
     return ops.attention(q_BLHE, k_BKSE, v_BKSE, mask_BLS, softcap, kind, causal)
   if kind == "splash":
-    return _splash(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap)
+    if window is None or isinstance(local, bool):
+      return _splash(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap)
+    return jax.lax.cond(local, lambda: _splash(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap),
+                        lambda: _splash(q_BLHE, k_BKSE, v_BKSE, segments, None, softcap))
   k_BSKE = k_BKSE.transpose(0, 2, 1, 3).astype(q_BLHE.dtype)
   v_BSKE = v_BKSE.transpose(0, 2, 1, 3).astype(q_BLHE.dtype)
   if kind in ("cudnn", "xla_attention"):

@@ -22,6 +22,7 @@ from fiat_jax import data
 from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
+from fiat_jax import stacking
 from fiat_jax import vocab as vocab_lib
 import tasks
 
@@ -117,7 +118,8 @@ def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
 @gin.configurable
 def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
               vocabulary: Optional[seqio.Vocabulary] = None, expected: Optional[model_lib.Config] = None,
-              tiny: bool = False, dtype: Optional[str] = None, kernels: Optional[str] = None, seed: int = 0):
+              tiny: bool = False, dtype: Optional[str] = None, kernels: Optional[str] = None,
+              scan_layers: bool = False, seed: int = 0):
   """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
 
   Args:
@@ -126,12 +128,13 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
     vocabulary: default: the checkpoint's own tokenizer (tokenizer.json, else tokenizer.model).
     expected: the architecture the run was configured for (a models/*.gin file's TAU_CONFIG); the checkpoint
       must match it.
-    kernels: model.Config.kernels ('fused' on CPU, 'xla_attention' for GPUs / TPUs, 'reference'); None keeps
-      the default.
+    kernels: model.Config.kernels (attention.KERNELS); None keeps the default, 'auto' (by backend).
+    scan_layers: model.Config.scan_layers: the layers as one scanned block, params stacked on "layers".
   """
   if tiny:
     vocabulary = vocabulary or byte_vocabulary()
-    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size, **({'kernels': kernels} if kernels else {}))
+    cfg = model_lib.tiny_config(vocab_size=vocabulary.vocab_size, scan_layers=scan_layers,
+                                **({'kernels': kernels} if kernels else {}))
     key = jax.random.PRNGKey(seed + (1 if use_base else 0))
     return cfg, nn.meta.unbox(model_lib.init_params(cfg, key)), vocabulary, f'tiny-random-{int(use_base)}'
   path = base if use_base else instruction_tuned
@@ -142,7 +145,7 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tau_model: checkpoint directory {path} not found')
   vocabulary = vocabulary or vocab_lib.vocabulary(path)
-  cfg, params = hf.load(path, dtype=dtype, expected=expected)
+  cfg, params = hf.load(path, dtype=dtype, expected=expected, scan_layers=scan_layers)
   if kernels:
     cfg = dataclasses.replace(cfg, kernels=kernels)
   if cfg.vocab_size < vocabulary.vocab_size:
@@ -282,6 +285,11 @@ def load_tau(exp: Experiment, recipe: Recipe):
     exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
   with open(path, 'rb') as f:
     trained = flax.serialization.msgpack_restore(f.read())
+  if stacking.is_scanned(trained) != cfg.scan_layers:
+    raise ValueError(f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
+                     f'{"stacked on layers" if stacking.is_scanned(trained) else "per layer"}), but τ is loaded with '
+                     f'tau_model.scan_layers={cfg.scan_layers}: bind --gin.tau_model.scan_layers='
+                     f'{stacking.is_scanned(trained)}')
   if saved['lora'] is not None:
     lora = {k: tuple(v) if isinstance(v, list) else v for k, v in saved['lora'].items()}
     cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(**lora))

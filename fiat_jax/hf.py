@@ -12,6 +12,7 @@ import numpy as np
 
 from fiat_jax import model as model_lib
 from fiat_jax import sharding as sharding_lib
+from fiat_jax import stacking
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
              "Gemma3ForCausalLM")
@@ -28,7 +29,7 @@ ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Fields of model.Config that describe the architecture (the rest is how it is run).
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(model_lib.Config)
-                    if f.name not in ("dtype", "param_dtype", "remat", "lora", "kernels"))
+                    if f.name not in ("dtype", "param_dtype", "remat_policy", "scan_layers", "lora", "kernels"))
 
 
 # ---- config.json -> Config -------------------------------------------------------------------------------------
@@ -309,13 +310,25 @@ def _place(arr: np.ndarray, transpose: bool, dtype, sharding):
   return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.asarray(view[idx], dtype=dtype))
 
 
-def load(checkpoint_dir: str, mesh=None, dtype: str | None = None, rules=None, expected=None):
-  """(cfg, params) from a Hugging Face checkpoint directory; params are loaded one safetensors file at a time
-  straight into their shardings on `mesh` (the first device when None) and converted to `dtype` (default: the
-  checkpoint's). `expected` (a Config, e.g. from the model's gin file) is checked against config.json."""
+def _place_stacked(views: list, transpose: bool, dtype, sharding):
+  """One [layers, ...] jax.Array from the layers' memory-mapped tensors, built shard by shard."""
+  views = [v.T if transpose else v for v in views]
+  shape = (len(views), *views[0].shape)
+  return jax.make_array_from_callback(
+      shape, sharding, lambda idx: np.stack([np.asarray(views[i][idx[1:]], dtype=dtype)
+                                             for i in range(len(views))[idx[0]]]))
+
+
+def load(checkpoint_dir: str, mesh=None, dtype: str | None = None, rules=None, expected=None,
+         scan_layers: bool = False):
+  """(cfg, params) from a Hugging Face checkpoint directory; params are read through memory maps straight into
+  their shardings on `mesh` (the first device when None) and converted to `dtype` (default: the checkpoint's).
+  `expected` (a Config, e.g. from the model's gin file) is checked against config.json. `scan_layers`: the
+  scanned layout (Config.scan_layers), each layer's tensors stacked into their [layers, ...] shards."""
   config_path = os.path.join(checkpoint_dir, "config.json")
   hf = read_json(config_path)
-  cfg = config_from_hf(hf, dtype or checkpoint_dtype(hf), where=config_path)
+  cfg = dataclasses.replace(config_from_hf(hf, dtype or checkpoint_dtype(hf), where=config_path),
+                            scan_layers=scan_layers)
   if expected is not None:
     check_same_architecture(cfg, expected, checkpoint_dir)
   names = tensor_map(cfg)
@@ -326,8 +339,9 @@ def load(checkpoint_dir: str, mesh=None, dtype: str | None = None, rules=None, e
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sharding_of = lambda path: single
   np_dtype = np.dtype(ml_dtypes.bfloat16 if cfg.param_dtype == "bfloat16" else cfg.param_dtype)
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0))))
-  params, seen = {}, set()
+  unrolled = dataclasses.replace(cfg, scan_layers=False)  # HF names each layer's tensors: check them per layer
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: model_lib.init_params(unrolled, jax.random.PRNGKey(0))))
+  found, seen = {}, set()  # our (unrolled) path -> (memory-mapped tensor, transposed)
   for file, listed in sorted(weight_files(checkpoint_dir).items()):
     tensors = read_safetensors(file)
     for name in listed or sorted(tensors):
@@ -343,10 +357,19 @@ def load(checkpoint_dir: str, mesh=None, dtype: str | None = None, rules=None, e
       if tuple(got) != want:
         raise ValueError(f"{file}: tensor {name} has shape {tensors[name].shape}; config.json implies "
                          f"{want[::-1] if transpose else want}")
-      _set(params, path, _place(tensors[name], transpose, np_dtype, sharding_of(path)))
+      found[path] = (tensors[name], transpose)
       seen.add(name)
-    del tensors  # unmaps the file
   missing = sorted(set(names) - seen)
   if missing:
     raise ValueError(f"{checkpoint_dir}: {len(missing)} tensors missing, e.g. {', '.join(missing[:5])}")
+  params = {}
+  for path, (tensor, transpose) in found.items():
+    if not path[0].startswith("layer_"):
+      _set(params, path, _place(tensor, transpose, np_dtype, sharding_of(path)))
+    elif not cfg.scan_layers:
+      _set(params, path, _place(tensor, transpose, np_dtype, sharding_of(path)))
+    elif path[0] == "layer_0":
+      stacked = (stacking.SCANNED, *path[1:])
+      views = [found[(f"layer_{i}", *path[1:])][0] for i in range(cfg.num_layers)]
+      _set(params, stacked, _place_stacked(views, transpose, np_dtype, sharding_of(stacked)))
   return cfg, params

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 from fiat_jax import hf
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
+from fiat_jax import stacking
 
 _MODEL_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
@@ -98,6 +99,7 @@ def save_checkpoint(out_dir: str, cfg: model_lib.Config, params, arch: str, base
   calls it (the gathers are collective), process 0 writes."""
   base = hf.read_json(os.path.join(base_dir, "config.json")) if base_dir else None
   dtype = dtype or cfg.param_dtype
+  params = stacking.unstack(params)  # HF names every layer's tensors
   hf_cfg = config_to_hf(cfg, arch, base)
   hf_cfg["dtype"] = dtype
   names = hf.tensor_map(cfg)
@@ -152,6 +154,7 @@ def peft_tensors(cfg: model_lib.Config, params, collections) -> tuple[dict, dict
   if layout is None:
     raise ValueError(f"export: the LoRA variant {lcfg.variant!r} has no Hugging Face PEFT adapter layout "
                      f"(lora.VARIANTS[{lcfg.variant!r}].peft is None); export the merged checkpoint instead")
+  params, collections = stacking.unstack(params), stacking.unstack(collections)  # PEFT names every layer's
   lora, init = _host_tree(collections[lora_lib.TRAINABLE]), _host_tree(collections.get(lora_lib.FROZEN, {}))
   out, prefix, frozen = {}, "base_model.model.", []
 

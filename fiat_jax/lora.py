@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiat_jax import config_check
+from fiat_jax import stacking
 from fiat_jax.ops import dense, lora_dense, low_rank
 
 DENSE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -410,8 +411,11 @@ def _init_target(cfg: LoraConfig, kind: str, w, key, shared: Shared):
 
 def init(cfg: LoraConfig, params, key, tied: bool = True) -> dict:
   """LoRA collections for a base params tree (unboxed arrays): {'lora': ...} and, for a variant with frozen
-  tensors (PiSSA, VeRA), {'lora_init': ...}."""
+  tensors (PiSSA, VeRA), {'lora_init': ...}. Scanned params get scanned collections, the same tensors as the
+  unrolled model's (variants init per [in, out] matrix)."""
   params = nn.meta.unbox(params)
+  if stacking.is_scanned(params):
+    return stacking.stack(init(cfg, stacking.unstack(params), key, tied))
   shapes = []
 
   def dense_shape(kind, _, w):
@@ -428,6 +432,9 @@ def init(cfg: LoraConfig, params, key, tied: bool = True) -> dict:
 
 def logical_axes(cfg: LoraConfig, param_axes, tied: bool = True) -> dict:
   """Logical axis names (PartitionSpec-like tuples) of the trees `init` returns, from the params' axes."""
+  if stacking.is_scanned(param_axes):
+    return stacking.stack(logical_axes(cfg, stacking.unstack(param_axes, axes=True), tied), axes=True)
+
   def fn(kind, _, axes):
     axes = tuple(axes)
     if kind == "embed":
@@ -463,6 +470,9 @@ def _fold(cfg: LoraConfig, params, collections, dense_fn, sign: float) -> None:
 def merge(model_cfg, params, collections) -> tuple:
   """θ'_τ = θ_τ ⊕ θ_PEFT: returns (merged params, the config to run them with: no LoRA, untied if needed)."""
   cfg: LoraConfig = model_cfg.lora
+  if stacking.is_scanned(params):
+    merged, merged_cfg = merge(model_cfg, stacking.unstack(nn.meta.unbox(params)), stacking.unstack(collections))
+    return stacking.stack(merged), merged_cfg
   params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(params))  # a copy we may edit
   untie = model_cfg.tie_embeddings and bool(set(cfg.targets) & set(EMBED_TARGETS))
   if untie:
@@ -475,6 +485,9 @@ def merge(model_cfg, params, collections) -> tuple:
 def unmerge(model_cfg, merged_params, collections):
   """θ_τ from θ'_τ and θ_PEFT, with the variant's unmerge (which raises where W' does not determine W: DoRA)."""
   cfg: LoraConfig = model_cfg.lora
+  if stacking.is_scanned(merged_params):
+    return stacking.stack(unmerge(model_cfg, stacking.unstack(nn.meta.unbox(merged_params)),
+                                  stacking.unstack(collections)))
   params = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(merged_params))
   _fold(cfg, params, collections, variant(cfg).unmerge, -1.0)
   if model_cfg.tie_embeddings and "unembed" in params.get("embedder", {}) and set(cfg.targets) & set(EMBED_TARGETS):

@@ -6,6 +6,7 @@ Axis legend, used in einsum strings and variable suffixes:
   head (H = K*G), E head dim, F mlp dim, V vocab, R LoRA rank.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from fiat_jax import attention
 from fiat_jax import lora as lora_lib
 from fiat_jax import ops
+from fiat_jax import stacking
 
 Array = jax.Array
 
@@ -51,15 +53,32 @@ class Config:
   prefix_lm: bool = False  # T5X decoder-only: bidirectional attention over the inputs.
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"
-  remat: bool = False  # rematerialise each block in the backward pass.
+  remat_policy: str = "none"  # what each block keeps for the backward pass: a key of REMAT_POLICIES
+  scan_layers: bool = False  # one scanned block (params stacked on the "layers" axis) instead of a Python loop
   lora: lora_lib.LoraConfig | None = None
   kernels: str = "auto"  # attention (and the gated unit) by backend: attention.KERNELS
 
   def __post_init__(self):
     attention.check(self.kernels, self.attn_logit_softcap, self.prefix_lm)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy: {self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)} "
+                       f"(bind TrainConfig.remat_policy)")
 
   def layer_kind(self, i: int) -> str:
     return self.attention_pattern[i % len(self.attention_pattern)]
+
+
+# Projections are named for jax.checkpoint_policies (checkpoint_name) as "<q|k|v|o|gate|up|down>_proj".
+_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: XLA keeps what autodiff needs
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each block's input only, recompute the rest
+    "minimal": jax.checkpoint_policies.save_only_these_names(*_ATTN_PROJ, *_MLP_PROJ),  # the projections' outputs
+    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(*_ATTN_PROJ),
+    "save_qkv": jax.checkpoint_policies.save_only_these_names(*_ATTN_PROJ[:3]),
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every weight product
+}
 
 
 def tiny_config(vocab_size: int = 259, **overrides) -> Config:
@@ -117,28 +136,34 @@ def apply_rope(x_BLNE, positions_BL, inv_freq):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNE.dtype)
 
 
-def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q_bidir_BL, k_bidir_BS, window):
+def attention_mask(q_slot_L, k_slot_S, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, q_bidir_BL, k_bidir_BS, window,
+                   local=True):
   """[B, L, S] bool: same segment, and causal in slot order (or both inside the bidirectional prefix), and
-  within the sliding window (in position space) when one is given."""
+  within the sliding window (in position space) when one is given and `local` (a traced flag under scan) holds."""
   causal = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
   bidir = q_bidir_BL[:, :, None] & k_bidir_BS[:, None, :]
   mask = (q_seg_BL[:, :, None] == k_seg_BS[:, None, :]) & (causal | bidir)
   if window is not None:
-    mask &= (q_pos_BL[:, :, None] - k_pos_BS[:, None, :]) < window
+    mask &= ((q_pos_BL[:, :, None] - k_pos_BS[:, None, :]) < window) | jnp.logical_not(local)
   return mask
+
+
+def _select(local, f):
+  """f(True) on local layers, f(False) on global ones; `local` is a Python bool, or a traced one under scan."""
+  if isinstance(local, bool):
+    return f(local)
+  return jnp.where(local, f(True), f(False))
 
 
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with RoPE, optional q/k norm, soft-capping and a KV cache."""
   cfg: Config
-  local: bool
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, cache, deterministic):
+  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, local, cache, deterministic):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = lambda n, axes, name, bias=False: lora_lib.Dense(n, axes=axes, use_bias=bias, lora=cfg.lora,
-                                                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    dense = functools.partial(_projection, cfg)
     B, L, _ = x_BLD.shape
     q_BLHE = dense(H * E, ("embed", "q_heads"), "q", cfg.qkv_bias)(x_BLD, deterministic).reshape(B, L, H, E)
     k_BLKE = dense(K * E, ("embed", "kv_heads"), "k", cfg.qkv_bias)(x_BLD, deterministic).reshape(B, L, K, E)
@@ -146,7 +171,7 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_BLHE = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHE)
       k_BLKE = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKE)
-    inv_freq = rope_inv_freq(cfg, self.local)
+    inv_freq = _select(local, lambda loc: rope_inv_freq(cfg, loc))
     q_BLHE = apply_rope(q_BLHE, positions_BL, inv_freq)
     k_BLKE = apply_rope(k_BLKE, positions_BL, inv_freq)
     q_BLHE = q_BLHE * jnp.asarray((cfg.query_pre_attn_scalar or E) ** -0.5, q_BLHE.dtype)
@@ -165,14 +190,22 @@ class Attention(nn.Module):
       k_bidir = upd(jnp.zeros_like(cache["segments"], bool), bidir_BL)  # the prefix is only this chunk
       k_slot_S, q_slot_L = jnp.arange(k_BKSE.shape[2]), q_slot_L + idx
       new_cache = dict(k=k_BKSE, v=v_BKSE)
-    mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir,
-                              cfg.sliding_window if self.local else None)
+    window = cfg.sliding_window if local is not False else None  # a traced `local` keeps the window's mask
+    mask_BLS = attention_mask(q_slot_L, k_slot_S, positions_BL, k_pos, segment_BL, k_seg, bidir_BL, k_bidir, window,
+                              local)
     out_BLHE = attention.attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, segments=(segment_BL, k_seg),
-                                window=cfg.sliding_window if self.local else None, softcap=cfg.attn_logit_softcap,
+                                window=window, local=local, softcap=cfg.attn_logit_softcap,
                                 kernels=cfg.kernels, causal=cache is None and not cfg.prefix_lm,
                                 prefix_lm=cfg.prefix_lm)
     out_BLD = dense(cfg.embed_dim, ("q_heads", "embed"), "o")(out_BLHE.reshape(B, L, H * E), deterministic)
     return out_BLD, new_cache
+
+
+def _projection(cfg: Config, features: int, axes, name: str, bias: bool = False):
+  """lora.Dense whose output is tagged "<name>_proj" for the remat policies (jax.checkpoint_policies)."""
+  module = lora_lib.Dense(features, axes=axes, use_bias=bias, lora=cfg.lora, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name=name)
+  return lambda x, deterministic: jax.ad_checkpoint.checkpoint_name(module(x, deterministic), f"{name}_proj")
 
 
 class Mlp(nn.Module):
@@ -182,8 +215,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, deterministic):
     cfg = self.cfg
-    dense = lambda n, axes, name: lora_lib.Dense(n, axes=axes, lora=cfg.lora, dtype=cfg.dtype,
-                                                 param_dtype=cfg.param_dtype, name=name)
+    dense = functools.partial(_projection, cfg)
     first = dense(cfg.mlp_dim, ("embed", "mlp"), "gate" if cfg.gated_mlp else "up")(x_BLD, deterministic)
     if cfg.gated_mlp:
       h_BLF = ops.gated_mlp(first, dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_BLD, deterministic),
@@ -195,16 +227,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer: pre-norms, optional post-norms, sequential or parallel attention + MLP."""
+  """One decoder layer: pre-norms, optional post-norms, sequential or parallel attention + MLP.
+
+  `local`: a sliding-window layer (a Python bool, or a traced one when scanned); `layer_kv` this layer's cache
+  (k, v) and `shared` the cache's index, positions and segments, both None without a cache."""
   cfg: Config
-  local: bool
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, cache, deterministic):
+  def __call__(self, x_BLD, positions_BL, segment_BL, bidir_BL, local, layer_kv, shared, deterministic):
     cfg = self.cfg
+    cache = None if layer_kv is None else dict(layer_kv, **shared)
     h = RMSNorm(cfg, name="pre_attn_norm")(x_BLD)
-    attn, new_cache = Attention(cfg, self.local, name="attn")(h, positions_BL, segment_BL, bidir_BL, cache,
-                                                              deterministic)
+    attn, new_cache = Attention(cfg, name="attn")(h, positions_BL, segment_BL, bidir_BL, local, cache, deterministic)
     if cfg.post_attn_norm:
       attn = RMSNorm(cfg, name="post_attn_norm")(attn)
     if cfg.parallel_block:
@@ -226,8 +260,18 @@ class Transformer(nn.Module):
     cfg = self.cfg
     self.embedder = lora_lib.Embed(cfg.vocab_size, cfg.embed_dim, lora=cfg.lora, param_dtype=cfg.param_dtype,
                                    dtype=cfg.dtype, tied=cfg.tie_embeddings)
-    block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
-    self.layers = [block(cfg, cfg.layer_kind(i) == "local", name=f"layer_{i}") for i in range(cfg.num_layers)]
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    block = Block
+    if cfg.remat_policy != "none":  # self is argument 0: deterministic is 8, an unrolled layer's `local` 5
+      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers,
+                       static_argnums=(8,) if cfg.scan_layers else (5, 8))
+    if cfg.scan_layers:
+      scanned = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: stacking.AXIS})
+      self.layers = scanned(cfg, name=stacking.SCANNED)
+    else:
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, bidirectional_BL=None, cache=None,
@@ -244,12 +288,18 @@ class Transformer(nn.Module):
     if cfg.scale_embeddings:
       x_BLD = x_BLD * jnp.asarray(math.sqrt(cfg.embed_dim), x_BLD.dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"],
-                                                    positions=cache["positions"], segments=cache["segments"])
-      x_BLD, c = layer(x_BLD, positions_BL, segment_BL, bidir_BL, layer_cache, deterministic)
-      new_layers.append(c)
+    shared = None if cache is None else {k: cache[k] for k in ("index", "positions", "segments")}
+    kinds = [cfg.layer_kind(i) == "local" for i in range(cfg.num_layers)]
+    if cfg.scan_layers:  # one traced block; the cache's k and v are stacked [layers, ...] like the params
+      kv = None if cache is None else cache["layers"]
+      x_BLD, new_layers = self.layers(x_BLD, positions_BL, segment_BL, bidir_BL, jnp.asarray(kinds), kv, shared,
+                                      deterministic)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        kv = None if cache is None else cache["layers"][i]
+        x_BLD, c = layer(x_BLD, positions_BL, segment_BL, bidir_BL, kinds[i], kv, shared, deterministic)
+        new_layers.append(c)
     h_BLD = self.final_norm(x_BLD)
     new_cache = None
     if cache is not None:
@@ -270,7 +320,11 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: segment 0 marks unwritten slots, which no real token attends to."""
   shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major, as attention reads it
   dtype = dtype or cfg.dtype
-  return dict(layers=[dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+  if cfg.scan_layers:
+    layers = dict(k=jnp.zeros((cfg.num_layers, *shape), dtype), v=jnp.zeros((cfg.num_layers, *shape), dtype))
+  else:
+    layers = [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+  return dict(layers=layers,
               index=jnp.zeros((), jnp.int32), positions=jnp.zeros((batch, max_len), jnp.int32),
               segments=jnp.zeros((batch, max_len), jnp.int32))
 

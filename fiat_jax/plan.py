@@ -94,9 +94,15 @@ def tree_bytes(shapes) -> int:
 
 
 def cache_shardings(cfg: model_lib.Config, cache_shapes, mesh, rules=None):
-  """KV cache [B, S, K, E] sharded over batch and kv_heads; positions / segments [B, S] over batch."""
-  kv = PartitionSpec("batch", "length", "kv_heads", "head_dim")
-  specs = dict(layers=[dict(k=kv, v=kv) for _ in range(cfg.num_layers)], index=PartitionSpec(),
+  """KV cache [B, K, S, E] (head-major; scanned: [layers, B, K, S, E]) sharded over batch and kv_heads;
+  positions / segments [B, S] over batch."""
+  kv = PartitionSpec("batch", "kv_heads", "length", "head_dim")
+  if cfg.scan_layers:
+    stacked = PartitionSpec("layers", *kv)
+    layers = dict(k=stacked, v=stacked)
+  else:
+    layers = [dict(k=kv, v=kv) for _ in range(cfg.num_layers)]
+  specs = dict(layers=layers, index=PartitionSpec(),
                positions=PartitionSpec("batch", "length"), segments=PartitionSpec("batch", "length"))
   return sharding.to_shardings(specs, mesh, rules, cache_shapes)
 
@@ -148,7 +154,8 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
     model = dataclasses.replace(model, lora=_lora_config(lora))
   if tcfg.mode == "full":
     model = dataclasses.replace(model, lora=None)
-  cfg = dataclasses.replace(model, dtype=tcfg.compute_dtype) if tcfg.compute_dtype else model
+  cfg = dataclasses.replace(model, remat_policy=tcfg.remat_policy,
+                            **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
   dev = device_spec(device)
   n = jax.device_count() if num_devices is None else int(num_devices)
   axes = resolve_mesh(n, _gin_or("make_mesh.data", -1) if data is None else data,

@@ -17,6 +17,7 @@ MESH_AXES = ("data", "fsdp", "model")
 # that array's spec (flax's resolution), so activations' "embed" stays replicated where "batch" took fsdp.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),  # scanned layers' stacked axis (Config.scan_layers): every device holds all layers
     ("length", None),
     ("embed", "fsdp"), ("embed", None),
     ("vocab", "model"),

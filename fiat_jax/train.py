@@ -57,6 +57,7 @@ class TrainConfig:
   # + λ · the rationale token mean (losses.task_mean_weights); other batches on the token mean.
   rationale_loss_weight: float = 1.0
   compute_dtype: str | None = None  # e.g. "bfloat16": matmuls in it, parameters and optimizer state stay float32
+  remat_policy: str = "none"  # what each layer keeps for the backward pass: model.REMAT_POLICIES (none, full, ...)
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate only at the end
   eval_at_start: bool = False  # also evaluate the untrained model (step 0)
@@ -68,6 +69,9 @@ class TrainConfig:
   optim: optim_lib.OptimConfig = dataclasses.field(default_factory=lambda: optim_lib.OptimConfig())
 
   def __post_init__(self):
+    if self.remat_policy not in model_lib.REMAT_POLICIES:
+      raise ValueError(f"TrainConfig.remat_policy: {self.remat_policy!r} is not one of "
+                       f"{', '.join(model_lib.REMAT_POLICIES)}")
     if self.mode not in MODES:
       raise ValueError(f"TrainConfig.mode: {self.mode!r} is not one of {MODES}")
     if self.best_mode not in ("min", "max"):
@@ -318,7 +322,8 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
     raise ValueError("TrainConfig.mode='full' trains every base parameter: set the model config's lora to None")
   if tcfg.mode == "peft" and model_cfg.lora is None:
     raise ValueError("TrainConfig.mode='peft' needs a model config with lora=LoraConfig(...)")
-  cfg = dataclasses.replace(model_cfg, dtype=tcfg.compute_dtype) if tcfg.compute_dtype else model_cfg
+  cfg = dataclasses.replace(model_cfg, remat_policy=tcfg.remat_policy,
+                            **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
   model = model_lib.Transformer(cfg)
   mesh = sharding.make_mesh() if mesh is None else mesh
   log = train_log.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)

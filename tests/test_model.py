@@ -107,15 +107,21 @@ def test_bf16_compute_with_f32_params():
   np.testing.assert_allclose(low, ref, atol=0.25)
 
 
-def test_remat_gives_identical_logits_and_grads():
+@pytest.mark.parametrize("policy", sorted(model_lib.REMAT_POLICIES))
+def test_remat_policies_give_identical_logits_and_grads(policy):
   cfg = model_lib.tiny_config()
   params = helpers.tiny_params(cfg)
   tokens = jnp.arange(1, 9)[None]
   loss = lambda c: (lambda p: model_lib.Transformer(c).apply({"params": p}, tokens)[0].sum())
   g1 = jax.grad(loss(cfg))(params)
-  g2 = jax.grad(loss(dataclasses.replace(cfg, remat=True)))(params)
+  g2 = jax.grad(loss(dataclasses.replace(cfg, remat_policy=policy)))(params)
   for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match=r"remat_policy: 'some' is not one of none, full, minimal"):
+    model_lib.tiny_config(remat_policy="some")
 
 
 # Published parameter counts: google/gemma-2-2b and meta-llama/Llama-2-7b-hf.
