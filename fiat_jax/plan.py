@@ -176,9 +176,13 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
   params_sh = sharding.param_shardings(cfg, amesh, rules)
   cols, cols_sh = {}, {}
   if tcfg.mode == "peft":
-    cols = jax.eval_shape(lambda: lora_lib.init(cfg.lora, params, key, cfg.tie_embeddings))
+    # params as an argument (traced): PiSSA's init runs an SVD of each kernel
+    cols = jax.eval_shape(lambda p: lora_lib.init(cfg.lora, p, key, cfg.tie_embeddings), params)
     cols_sh = sharding.lora_shardings(cfg, amesh, rules)
   trainable, frozen = train_lib.split_variables(tcfg.mode, params, cols)
+  trainable = jax.eval_shape(train_lib.master_copy, trainable)  # float32, as the trainer holds it
+  # The weights the step reads: the frozen base (param_dtype) in peft, the float32 master weights in full.
+  weights = trainable["params"] if tcfg.mode == "full" else params
   trainable_sh = {k: params_sh if k == "params" else cols_sh[k] for k in trainable}
   frozen_sh = {k: params_sh if k == "params" else cols_sh[k] for k in frozen}
   tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable, cfg.lora)
@@ -192,15 +196,16 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
 
   lora_shapes = {k: v for k, v in cols.items()}
   lora_sh = {k: cols_sh[k] for k in cols}
-  sizes = dict(params=bytes_per_device(params, params_sh), lora=bytes_per_device(lora_shapes, lora_sh),
+  sizes = dict(params=bytes_per_device(weights, params_sh), lora=bytes_per_device(lora_shapes, lora_sh),
                optimizer=bytes_per_device(opt, opt_sh), batch=bytes_per_device(batch, batch_sh),
                kv_cache=bytes_per_device(cache, cache_sh))
   result = dict(device=device, device_name=dev.name, hbm_bytes=dev.hbm_bytes,
                 usable_bytes=int(dev.hbm_bytes * dev.usable), num_devices=n, mesh=axes, mode=tcfg.mode,
                 batch_size=tcfg.batch_size, seq_len=seq_len, decode_batch=decode_batch, decode_len=decode_len,
                 compute_dtype=cfg.dtype, param_dtype=cfg.param_dtype, optimizer=tcfg.optim.optimizer,
+                trainable_dtype=" ".join(sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(trainable)})),
                 counts=dict(params=lora_lib.count(params), trainable=lora_lib.count(trainable)),
-                global_bytes=dict(params=tree_bytes(params), lora=tree_bytes(lora_shapes), optimizer=tree_bytes(opt),
+                global_bytes=dict(params=tree_bytes(weights), lora=tree_bytes(lora_shapes), optimizer=tree_bytes(opt),
                                   kv_cache=tree_bytes(cache)),
                 per_device=sizes, compiled=None, backend=None)
   if compile:
@@ -314,7 +319,7 @@ def format_plan(r: dict) -> str:
   lines = [f"plan for {r['num_devices']} x {r['device_name']} ({human(r['usable_bytes'])} usable of "
            f"{human(r['hbm_bytes'])} per device), mesh {mesh}",
            f"model: {r['counts']['params']:,} params ({r['param_dtype']}, compute {r['compute_dtype']}), mode "
-           f"{r['mode']}: {r['counts']['trainable']:,} trainable, optimizer {r['optimizer']}",
+           f"{r['mode']}: {r['counts']['trainable']:,} trainable ({r['trainable_dtype']}), optimizer {r['optimizer']}",
            f"train: batch {r['batch_size']} x {r['seq_len']} tokens; decode: batch {r['decode_batch']} x cache "
            f"{r['decode_len']}", "", f"{'per device':<28}{'train':>14}{'decode':>14}"]
   rows = [("parameters", s["params"], s["params"]), ("LoRA", s["lora"], s["lora"]),

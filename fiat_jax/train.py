@@ -2,8 +2,11 @@
 
 One pure train step (state = trainable tree + optimizer state + step + RNG; frozen tree; batch) -> (new state,
 metrics), jitted once with shardings and donation. The same code trains the LoRA collection only ('peft') or every
-base parameter ('full': the paper's "w/o parameter-efficient tuning" ablation). `train` is the loop: evaluation
-with best-checkpoint selection, Orbax checkpoints that resume exactly, SIGTERM saves, metrics and a progress line.
+base parameter ('full': the paper's "w/o parameter-efficient tuning" ablation). Mixed precision: the trainable tree
+(LoRA tensors, or full tuning's master weights) and the optimizer state are float32, a frozen base keeps its
+param_dtype, and the model computes in Config.dtype (TrainConfig.compute_dtype when set). `train` is the loop:
+evaluation with best-checkpoint selection, Orbax checkpoints that resume exactly, SIGTERM saves, metrics and a
+progress line.
 
 Batches are dicts of numpy arrays with seqio.DecoderFeatureConverter keys: decoder_input_tokens,
 decoder_target_tokens, decoder_loss_weights, decoder_causal_attention and, when packed, decoder_segment_ids and
@@ -56,7 +59,9 @@ class TrainConfig:
   # λ of distilled CoT: batches with decoder_task_ids (0 label, 1 rationale) train on the label token mean
   # + λ · the rationale token mean (losses.task_mean_weights); other batches on the token mean.
   rationale_loss_weight: float = 1.0
-  compute_dtype: str | None = None  # e.g. "bfloat16": matmuls in it, parameters and optimizer state stay float32
+  # e.g. "bfloat16": matmuls in it (None: the model config's dtype). The trainable tree (LoRA tensors, or full
+  # tuning's master weights) and the optimizer state are float32 either way; a frozen base keeps its param_dtype.
+  compute_dtype: str | None = None
   remat_policy: str = "none"  # what each layer keeps for the backward pass: model.REMAT_POLICIES (none, full, ...)
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate only at the end
@@ -100,6 +105,12 @@ def split_variables(mode: str, params, collections: dict | None = None) -> tuple
     return {"params": params}, {}
   return ({lora_lib.TRAINABLE: collections[lora_lib.TRAINABLE]},
           {"params": params, **{k: v for k, v in collections.items() if k != lora_lib.TRAINABLE}})
+
+
+def master_copy(trainable):
+  """The trainable tree with floating leaves in float32: bf16 would round away updates under 2^-8 of a weight."""
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable)
 
 
 def loss_sums(trainable, frozen, batch, key, *, model, tcfg: TrainConfig):
@@ -168,8 +179,10 @@ def train_step(state, frozen, batch, *, model, tcfg: TrainConfig, tx, lr_fn):
   key = jax.random.fold_in(state["rng"], step)
   loss, nll, weight_sum, grads = loss_and_grads(trainable, frozen, batch, key, model=model, tcfg=tcfg)
   updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-  new_state = dict(step=step + 1, trainable=optax.apply_updates(trainable, updates), opt_state=opt_state,
-                   rng=state["rng"])
+  # The state keeps its dtypes (an optimizer may promote a moment): a changed one would recompile the step.
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, old)
+  new_state = dict(step=step + 1, trainable=keep(optax.apply_updates(trainable, updates), trainable),
+                   opt_state=keep(opt_state, state["opt_state"]), rng=state["rng"])
   metrics = dict(loss=loss, nll=nll, grad_norm=optax.tree.norm(grads), learning_rate=lr_fn(step),
                  target_tokens=weight_sum)
   return new_state, metrics
@@ -258,7 +271,8 @@ def _check_batch(local: dict, rows: int, step: int):
 def _fresh_state(tcfg: TrainConfig, cfg: model_lib.Config, params, lora_variables, mesh):
   """The step-0 state, built under jit straight into its shards, the frozen tree, the optimizer and shardings.
 
-  The caller's arrays are copied, never aliased: the step donates (frees) the state it is given.
+  The caller's arrays are copied, never aliased: the step donates (frees) the state it is given. The trainable
+  tree becomes float32 (master_copy); the frozen one keeps its dtypes.
   """
   params = nn.meta.unbox(params)
   key_lora, key_rng = jax.random.split(jax.random.PRNGKey(tcfg.seed))
@@ -267,8 +281,11 @@ def _fresh_state(tcfg: TrainConfig, cfg: model_lib.Config, params, lora_variable
     collections = lora_variables or sharding.init_lora_sharded(cfg, params, key_lora, mesh)
   trainable, frozen = split_variables(tcfg.mode, params, collections)
   tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable, cfg.lora)
-  state_sh, frozen_sh = _shardings(cfg, tcfg.mode, mesh, trainable, frozen, jax.eval_shape(tx.init, trainable))
+  state_sh, frozen_sh = _shardings(cfg, tcfg.mode, mesh, trainable, frozen,
+                                   jax.eval_shape(lambda t: tx.init(master_copy(t)), trainable))
   trainable = jax.device_put(trainable, state_sh["trainable"], may_alias=False)
+  # Cast the copy shard by shard (a whole float32 model never sits on one device); the bf16 copy is dropped here.
+  trainable = jax.jit(master_copy, out_shardings=state_sh["trainable"])(trainable)
   frozen = jax.device_put(frozen, frozen_sh)
   state = jax.device_put(dict(step=np.zeros((), np.int32), trainable=trainable, opt_state=None, rng=key_rng),
                          dict(state_sh, opt_state=None))
