@@ -4,8 +4,8 @@ mesh and batch, and whether they fit a named device (TPU v4 / v5e / v5p / v6e, H
 Sizes of stored trees come from `jax.eval_shape` and the run's shardings (nothing is allocated); activations are
 XLA's temporary buffers from the compiled memory analysis of the real train step and decode step. The plan reads
 the run's own gin files: the model (`hf.model_config`), `TrainConfig` (mode, batch size, micro-batches, compute
-dtype, optimizer) and `make_mesh` (data / fsdp / model); `plan.*` adds the sequence length, the decode shape and
-the device. With `plan.num_devices` set, the program is compiled for that many emulated CPU devices (planning for
+dtype, remat policy, optimizer), `make_mesh` (data / fsdp / model) and the row length (Experiment.inputs_length +
+targets_length); `plan.*` can override the sequence length and adds the decode shape and the device. With `plan.num_devices` set, the program is compiled for that many emulated CPU devices (planning for
 a machine you are not on); without it, for this machine's devices.
 
   fiat plan --gin_file=models/gemma-2-2b-it.gin --mesh=data=1,fsdp=16,model=1 --device=v5e --gin.plan.seq_len=1024
@@ -121,13 +121,20 @@ def _gin_or(name: str, default):
     return default
 
 
+def run_seq_len() -> int:
+  """The run's training row length: seqio's decoder rows hold the inputs then the targets."""
+  from fiat_jax import experiment  # pylint: disable=g-import-not-at-top  # seqio: only `fiat plan` needs it
+  fields = {f.name: f.default for f in dataclasses.fields(experiment.Experiment)}
+  return sum(_gin_or(f"Experiment.{n}", fields[n]) for n in ("inputs_length", "targets_length"))
+
+
 def _train_config():
   from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   return train_lib.TrainConfig()
 
 
 @gin.configurable("plan")
-def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: int = 512,
+def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: int | None = None,
          decode_batch: int = 8, decode_len: int = 2048, device: str = "v5e", num_devices: int | None = None,
          data: int | None = None, fsdp: int | None = None, model_axis: int | None = None, compile: bool = True,
          rules=None) -> dict:
@@ -138,7 +145,8 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
     lora: LoraConfig or a dict of its fields, for mode 'peft' when the model config has none (default rank 8).
     train: a TrainConfig (default: TrainConfig() with the gin bindings: mode, batch_size, micro_batches,
       compute_dtype, optim).
-    seq_len: training sequence length (decoder_input_tokens per row).
+    seq_len: training sequence length (decoder_input_tokens per row); default: the run's, its prefix-LM rows
+      Experiment.inputs_length + Experiment.targets_length as the gin files bind them (else their defaults).
     decode_batch, decode_len: rows and cache length (prompt + new tokens) of KV-cache decoding.
     num_devices: devices of the planned mesh (default: this machine's).
     data, fsdp, model_axis: mesh axis sizes (default: make_mesh's gin bindings, else data=-1).
@@ -150,6 +158,8 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
     from fiat_jax import hf  # pylint: disable=g-import-not-at-top
     model = hf.model_config()
   tcfg = train if train is not None else _train_config()
+  if seq_len is None:
+    seq_len = run_seq_len()
   if tcfg.mode == "peft" and model.lora is None:
     model = dataclasses.replace(model, lora=_lora_config(lora))
   if tcfg.mode == "full":

@@ -136,3 +136,16 @@ def test_cli_reads_the_model_gin_file_and_writes_json(tmp_path, capsys):
   assert r["per_device"]["params"] == 26944 and r["hbm_bytes"] == 32 * 2 ** 30
   printed = capsys.readouterr().out
   assert "8 x TPU v6e" in printed and "26.31 KiB" in printed and "fits" in printed
+
+
+def test_plan_reads_the_runs_sequence_length():
+  """Without plan.seq_len the planned rows are the run's: Experiment.inputs_length + targets_length from gin."""
+  gin.clear_config()
+  try:
+    gin.parse_config(["import fiat_jax.experiment", "Experiment.inputs_length = 96", "Experiment.targets_length = 8"])
+    r = plan.plan(model=_tiny(), lora={"rank": 4}, train=train.TrainConfig(batch_size=8), num_devices=1,
+                  compile=False)
+    assert r["seq_len"] == 104
+  finally:
+    gin.clear_config()
+  assert plan.run_seq_len() == 1024 + 32  # Experiment's defaults
