@@ -13,9 +13,8 @@ hand-written forms on the CPU.
   fused         ops.fused_attention: CPU-shaped custom VJP in query blocks.
   reference     plain jnp, autodiff.
 
-A KV cache (prefill and decoding) attends over cache slots with an explicit mask: "fused" on the CPU, the XLA form
-of the same product elsewhere (one query row per step: a flash kernel has nothing to tile). Axis legend as in
-model.py.
+With a KV cache (prefill and decoding) attention reads an explicit mask over the cache's slots: splash cannot hold
+it, so there it is "xla_chunked"; every other kernel takes the mask as it is. Axis legend as in model.py.
 """
 from absl import flags
 import jax
