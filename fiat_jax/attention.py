@@ -1,14 +1,14 @@
 """Attention by backend, behind one switch (`Config.kernels`): the field's kernels where they fit, ops.py's
 hand-written forms on the CPU.
 
-  auto          TPU: "splash"; GPU: "cudnn" (bf16 / fp16 without soft-capping), else "triton"; CPU: "xla_chunked"
-                (measured against "fused": benchmarks/README.md). What a kernel cannot express (the prefix-LM mask
+  auto          TPU: "splash"; GPU: "cudnn" (bf16 / fp16 without soft-capping), else "triton"; CPU: "fused"
+                (measured faster than "xla_chunked" on the CPU: benchmarks/README.md). What a kernel cannot express (the prefix-LM mask
                 for splash) falls to "xla_chunked", never to a CPU-only form.
   splash        JAX's Pallas TPU splash attention (segment ids, causal or sliding-window block masks, soft-capping,
                 GQA as one multi-query kernel per kv head); on a CPU it runs in Pallas' interpret mode (tests only).
   cudnn         jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention on NVIDIA GPUs.
   triton        tokamax's Pallas Triton flash attention (GPU).
-  xla_chunked   tokamax's chunked XLA attention: memory linear in length on every backend.
+  xla_chunked   tokamax's chunked XLA attention: memory linear in length on every backend (the TPU's prefix LM).
   xla_attention jax.nn.dot_product_attention's XLA path (materialises [B, H, L, S] scores).
   fused         ops.fused_attention: CPU-shaped custom VJP in query blocks.
   reference     plain jnp, autodiff.
@@ -53,7 +53,7 @@ def resolve(kernels: str, softcap: float | None, prefix_lm: bool, dtype, platfor
     return "xla_chunked" if prefix_lm else "splash"
   if platform in ("gpu", "cuda", "rocm"):
     return "cudnn" if not softcap and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "triton"
-  return "xla_chunked"
+  return "fused"
 
 
 def attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, *, segments, window, softcap, kernels: str, causal: bool,

@@ -119,7 +119,7 @@ def sentencepiece_vocabulary(path: str = gin.REQUIRED) -> seqio.Vocabulary:
 def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = None, *, use_base: bool = False,
               vocabulary: Optional[seqio.Vocabulary] = None, expected: Optional[model_lib.Config] = None,
               tiny: bool = False, dtype: Optional[str] = None, kernels: Optional[str] = None,
-              scan_layers: bool = False, seed: int = 0):
+              scan_layers: bool = True, seed: int = 0):
   """θ_τ: (cfg, params, vocabulary, path) from a Hugging Face checkpoint dir, or a random tiny model (tests).
 
   Args:
@@ -129,7 +129,8 @@ def tau_model(instruction_tuned: Optional[str] = None, base: Optional[str] = Non
     expected: the architecture the run was configured for (a models/*.gin file's TAU_CONFIG); the checkpoint
       must match it.
     kernels: model.Config.kernels (attention.KERNELS); None keeps the default, 'auto' (by backend).
-    scan_layers: model.Config.scan_layers: the layers as one scanned block, params stacked on "layers".
+    scan_layers: model.Config.scan_layers: the layers as one scanned block, params stacked on "layers" (on by
+      default: it compiles ~3x faster and does not slow the CPU step; benchmarks/README.md).
   """
   if tiny:
     vocabulary = vocabulary or byte_vocabulary()

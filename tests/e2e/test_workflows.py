@@ -129,22 +129,22 @@ def test_rationales_with_a_local_beta_models_file(paths):
   assert len(versions) == 5  # one I_β per language
 
 
-def test_scanned_layers_and_remat_through_the_command(trained, paths, beta_url, tmp_path):
-  """`fiat train` with --gin.tau_model.scan_layers=True and a remat policy trains the same adapter as the unrolled
-  run of the row (stacked on "layers"; within 1e-4 of each tensor's largest value); `fiat evaluate` rescoring it
-  needs the same layout and names the binding otherwise."""
+def test_unrolled_layers_and_remat_through_the_command(trained, paths, beta_url, tmp_path):
+  """`fiat train` with --gin.tau_model.scan_layers=False and a remat policy trains the same adapter as the row's
+  run in the default scanned layout (per layer; within 1e-4 of each tensor's largest value); `fiat evaluate`
+  rescoring it needs the same layout and names the binding otherwise."""
   flags = [*run_flags(paths, beta_url, 'xs_wo_cot'), f'--gin.RUNS_DIR={str(tmp_path)!r}']
-  scan = ['--gin.tau_model.scan_layers=True', "--gin.TrainConfig.remat_policy='full'"]
-  out = fiat('train', *flags, *scan, cwd=paths['root'])
+  unrolled_flags = ['--gin.tau_model.scan_layers=False', "--gin.TrainConfig.remat_policy='full'"]
+  out = fiat('train', *flags, *unrolled_flags, cwd=paths['root'])
   run_dir = json.loads(out.stdout[out.stdout.index('{'):])['run_dir']
   load = lambda d: flax.serialization.msgpack_restore(open(os.path.join(d, 'trainable.msgpack'), 'rb').read())
-  scanned, unrolled = load(run_dir), load(trained['xs_wo_cot'])
+  scanned, unrolled = load(trained['xs_wo_cot']), load(run_dir)
   assert stacking.is_scanned(scanned) and not stacking.is_scanned(unrolled)
   flat = lambda t: dict(flax.traverse_util.flatten_dict(t))
   got, want = flat(stacking.unstack(scanned)), flat(unrolled)
   assert got.keys() == want.keys()
   for k, w in want.items():
     assert np.abs(got[k] - w).max() <= 1e-4 * np.abs(w).max(), k
-  fiat('evaluate', *flags, *scan, cwd=paths['root'])
+  fiat('evaluate', *flags, *unrolled_flags, cwd=paths['root'])
   wrong = fiat('evaluate', *flags, cwd=paths['root'], check=False)
-  assert wrong.returncode != 0 and 'bind --gin.tau_model.scan_layers=True' in wrong.stderr
+  assert wrong.returncode != 0 and 'bind --gin.tau_model.scan_layers=False' in wrong.stderr
