@@ -24,6 +24,9 @@ HOW_NOT_WHAT = ("train.log_every", "train.tensorboard", "train.save_every", "tra
                 "run.experiment.runs_root", "run.experiment.setting", "run.experiment.row",
                 "run.experiment.tau_size", "run.experiment.data_dir", "run.experiment.store_dir",
                 "run.experiment.eval_batch_size", "run.experiment.seed")
+# What the checkpoints themselves depend on (the data position counts batches; the tensors have the base's and the
+# adapter's shapes): no flag lets a resume change these.
+FIXED = ("train.mode", "train.batch_size", "data_fingerprint", "base.config_fingerprint")
 REBUILD = "rerun `fiat train` with the run's gin files in this run directory: it rebuilds them from the checkpoints"
 
 
@@ -172,6 +175,11 @@ def check_settings(run_dir: str, current: dict, *, resuming_from: int | None, al
     lines = [f"{SETTINGS_FILE}: unreadable ({str(e).split('; ')[0]}); this command's settings become the run's"]
   if not lines:
     return []
+  fixed = [line for line in lines if line.split(":")[0] in FIXED]
+  if fixed:
+    raise RunDirError(f"{path}: a resume from step {resuming_from} cannot change these (the checkpoints depend on "
+                      f"them), not even with --allow_changed_settings:\n" + "\n".join(f"  {line}" for line in fixed)
+                      + "\nUse a new run directory (another Experiment.name or RUNS_DIR)")
   if not allow_changed:
     raise RunDirError(
         f"{path}: this command's settings differ from the ones the run recorded; refusing to resume from step "
