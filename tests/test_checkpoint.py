@@ -181,7 +181,7 @@ def test_a_half_written_step_directory_is_moved_aside_and_never_listed(tmp_path,
       if name == checkpoint.COMMIT_FILE or name.startswith("manifest"):
         os.remove(os.path.join(root, name))
   capsys.readouterr()
-  res = _train(tmp_path / "run", 8)
+  res = _train(tmp_path / "run", 8, allow_changed_settings=True)  # num_steps 4 -> 8
   out = capsys.readouterr().out
   assert "checkpoints/6 is an incomplete save" in out and "step 4, data position 4 batches" in out
   assert res.step == 8
@@ -233,9 +233,12 @@ def test_a_checkpoint_moves_between_eight_devices_and_one_bit_identically(tmp_pa
 
 def test_resume_with_a_changed_batch_size_or_data_is_an_error_naming_it(tmp_path):
   _train(tmp_path / "run", 2)
-  with pytest.raises(ValueError, match=r"\n  data_fingerprint: recorded \"random\", now \"other\"\n"
-                                       r"  train.num_steps: recorded 2, now 4\nUse a new run directory"):
-    _train(tmp_path / "run", 4, fingerprint="other")  # the recorded settings (run_files)
+  with pytest.raises(ValueError, match=r"refusing to resume from step 2:\n  train.num_steps: recorded 2, now 4\n"
+                                       r"Use a new run directory"):
+    _train(tmp_path / "run", 4)  # the recorded settings (run_files)
+  with pytest.raises(ValueError, match=r"not even with --allow_changed_settings:\n  data_fingerprint: recorded "
+                                       r"\"random\", now \"other\"\nUse a new run directory"):
+    _train(tmp_path / "run", 2, fingerprint="other", allow_changed_settings=True)
   # What the checkpoints depend on cannot change even when changes are allowed.
   with pytest.raises(ValueError, match=r"not even with --allow_changed_settings:\n  train.batch_size: recorded 8, "
                                        r"now 4\nUse a new run directory"):
