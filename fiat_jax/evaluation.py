@@ -13,6 +13,7 @@ from fiat_jax import decoding
 from fiat_jax import experiment
 from fiat_jax import model as model_lib
 from fiat_jax import readers
+from fiat_jax import run_files
 from fiat_jax.beta import run as beta_run
 from fiat_jax.beta import store
 import tasks
@@ -68,10 +69,10 @@ def write_predictions(path: str, examples: list[dict], out: dict) -> None:
   """One line per example: id, language, prediction, target, score (the report's bootstrap input)."""
   if jax.process_index() != 0:
     return
-  with open(path, 'w', encoding='utf-8') as f:
-    for ex, pred, score in zip(examples, out['predictions'], out['scores']):
-      f.write(json.dumps({'id': ex['id'], 'language': ex['language'], 'prediction': pred,
-                          'target': ex['targets_pretokenized'], 'score': score}, ensure_ascii=False) + '\n')
+  run_files.write_atomic(path, ''.join(
+      json.dumps({'id': ex['id'], 'language': ex['language'], 'prediction': pred, 'target': ex['targets_pretokenized'],
+                  'score': score}, ensure_ascii=False) + '\n'
+      for ex, pred, score in zip(examples, out['predictions'], out['scores'])))
 
 
 def scores_fn(exp: experiment.Experiment, model, vocab, split_examples):
@@ -109,8 +110,8 @@ def evaluate_run(exp: experiment.Experiment, recipe: experiment.Recipe, split: s
   out = evaluate(model, variables, vocab, examples, exp.dataset, max_decode_tokens=exp.max_decode_tokens,
                  batch_size=exp.eval_batch_size, bos_id=exp.bos_id, bootstrap=exp.bootstrap, seed=exp.seed)
   result = {'split': split, 'rationales': rationales, 'result': out['result'], 'unparsed': out['unparsed']}
-  with open(os.path.join(exp.run_dir, f'metrics_{split}_{rationales}.json'), 'w', encoding='utf-8') as f:
-    json.dump(experiment.finite(result), f, indent=1, ensure_ascii=False)
+  run_files.write_json(os.path.join(exp.run_dir, f'metrics_{split}_{rationales}.json'), experiment.finite(result),
+                       ensure_ascii=False)
   return result
 
 

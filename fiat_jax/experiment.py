@@ -22,6 +22,7 @@ from fiat_jax import data
 from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
+from fiat_jax import run_files
 from fiat_jax import stacking
 from fiat_jax import vocab as vocab_lib
 import tasks
@@ -29,6 +30,8 @@ import tasks
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
 TAU_CONFIG_FILE = 'tau.json'  # the adapter config, base and selected step of TRAINABLE_FILE
 METRICS_FILE = 'metrics.json'
+# In TRAINABLE_FILE beside the tensors: the adapter they were trained with, so tau.json can be checked against them.
+ADAPTER_KEY = 'adapter_config'
 
 
 # ---- What a run is -------------------------------------------------------------------------------------------
@@ -212,12 +215,11 @@ def write_provenance(run_dir: str) -> None:
   """The resolved gin config and the versions, next to the results."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
-    f.write(gin.config_str())
-  with open(os.path.join(run_dir, 'version.json'), 'w', encoding='utf-8') as f:
-    json.dump({'fiat_jax': package_version(), 'jax': jax.__version__, 'flax': flax.__version__,
-               'python': platform.python_version(), 'time': time.time(), 'processes': jax.process_count(),
-               'devices': jax.device_count()}, f, indent=1)
+  run_files.write_atomic(os.path.join(run_dir, 'config.gin'), gin.config_str())
+  run_files.write_json(os.path.join(run_dir, 'version.json'), {
+      'fiat_jax': package_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+      'python': platform.python_version(), 'time': time.time(), 'processes': jax.process_count(),
+      'devices': jax.device_count()})
 
 
 def finite(tree):
@@ -234,17 +236,41 @@ def finite(tree):
 def write_metrics(run_dir: str, exp: Experiment, recipe: Recipe, results: dict) -> dict:
   out = {'experiment': dataclasses.asdict(exp), 'recipe': dataclasses.asdict(recipe), **results}
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, METRICS_FILE), 'w', encoding='utf-8') as f:
-      json.dump(finite(out), f, indent=1, ensure_ascii=False, default=str)
-    with open(os.path.join(run_dir, 'operative_config.gin'), 'w', encoding='utf-8') as f:
-      f.write(gin.operative_config_str())
+    run_files.write_json(os.path.join(run_dir, METRICS_FILE), finite(out), ensure_ascii=False, default=str)
+    run_files.write_atomic(os.path.join(run_dir, 'operative_config.gin'), gin.operative_config_str())
   return out
 
 
-def save_trainable(run_dir: str, trainable: dict) -> None:
+def adapter_record(model_cfg: model_lib.Config) -> dict:
+  """What the tensors of TRAINABLE_FILE were trained with: mode, LoRA config and its scale."""
+  lora = model_cfg.lora
+  return {'mode': 'peft' if lora is not None else 'full',
+          'lora': run_files.plain(dataclasses.asdict(lora)) if lora is not None else None,
+          'scale': lora.scale if lora is not None else None}
+
+
+def save_trainable(run_dir: str, trainable: dict, model_cfg: model_lib.Config) -> None:
+  """TRAINABLE_FILE: the tensors and (under ADAPTER_KEY) adapter_record, written atomically."""
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, TRAINABLE_FILE), 'wb') as f:
-      f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, trainable)))
+    tree = {**jax.tree_util.tree_map(np.asarray, trainable), ADAPTER_KEY: adapter_record(model_cfg)}
+    run_files.write_atomic(os.path.join(run_dir, TRAINABLE_FILE), flax.serialization.msgpack_serialize(tree))
+
+
+def read_trainable(path: str) -> tuple[dict, Optional[dict]]:
+  """(tensors, adapter_record or None for files written before it existed) of a TRAINABLE_FILE."""
+  if not os.path.exists(path):
+    raise run_files.RunDirError(f'{path}: missing; {run_files.REBUILD} (or run `fiat train` first)')
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    tree = flax.serialization.msgpack_restore(raw)
+    if not isinstance(tree, dict) or not tree:
+      raise ValueError(f'holds {type(tree).__name__} {str(tree)[:40]!r}, not a tree of tensors')
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises ValueError, TypeError, its own errors)
+    raise run_files.RunDirError(f'{path}: damaged ({len(raw)} bytes; {type(e).__name__}: {e}); '
+                                f'{run_files.REBUILD}') from None
+  record = tree.pop(ADAPTER_KEY, None)
+  return tree, record
 
 
 def write_tau_config(run_dir: str, model_cfg: model_lib.Config, base_path: str, recipe: Recipe, res, bos_id: int):
@@ -253,10 +279,10 @@ def write_tau_config(run_dir: str, model_cfg: model_lib.Config, base_path: str, 
   if jax.process_index() != 0:
     return
   lora = dataclasses.asdict(model_cfg.lora) if model_cfg.lora is not None else None
-  with open(os.path.join(run_dir, TAU_CONFIG_FILE), 'w', encoding='utf-8') as f:
-    json.dump({'mode': 'peft' if lora else 'full', 'lora': lora, 'base_path': base_path,
-               'instruction_tuned_base': recipe.instruction_tuned_base, 'bos_id': bos_id,
-               'selected_step': res.selected_step, 'best': res.best, 'steps': res.step}, f, indent=1)
+  run_files.write_json(os.path.join(run_dir, TAU_CONFIG_FILE), {
+      'mode': 'peft' if lora else 'full', 'lora': lora, 'base_path': base_path,
+      'instruction_tuned_base': recipe.instruction_tuned_base, 'bos_id': bos_id,
+      'selected_step': res.selected_step, 'best': res.best, 'steps': res.step})
 
 
 def merge(model_cfg: model_lib.Config, variables: dict):
@@ -266,16 +292,65 @@ def merge(model_cfg: model_lib.Config, variables: dict):
   return lora_lib.merge(model_cfg, variables['params'], variables)
 
 
+TAU_FIELDS = ('mode', 'lora', 'base_path', 'instruction_tuned_base', 'bos_id', 'selected_step')
+
+
+def _tensor_shapes(tree) -> dict:
+  return {'/'.join(map(str, k)): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def tau_mismatches(saved: dict, record: Optional[dict], trained: dict, cfg: model_lib.Config, params) -> list[str]:
+  """One line per field of tau.json (`saved`) that the tensors of TRAINABLE_FILE contradict: their adapter
+  record (mode, each LoRA field, the scale), else the shapes tau.json's adapter would have on this base."""
+  lines = []
+  if record is not None:
+    if saved['mode'] != record['mode']:
+      lines.append(f'mode: tau.json {saved["mode"]!r}, {TRAINABLE_FILE} {record["mode"]!r}')
+    for field in sorted(set(saved['lora'] or {}) | set(record['lora'] or {})):
+      mine, theirs = (run_files.plain(d or {}).get(field) for d in (saved['lora'], record['lora']))
+      if mine != theirs:
+        lines.append(f'lora.{field}: tau.json {json.dumps(mine)}, {TRAINABLE_FILE} {json.dumps(theirs)}')
+    if lines:
+      return lines
+  if saved['lora'] is None:
+    expected = _tensor_shapes({'params': params})
+  else:
+    lora = lora_lib.LoraConfig(**saved['lora'])
+    expected = _tensor_shapes(jax.eval_shape(lambda p: lora_lib.init(lora, p, jax.random.PRNGKey(0),
+                                                                     tied=cfg.tie_embeddings), params))
+  got = _tensor_shapes(trained)
+  if set(expected) != set(got):
+    extra, absent = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+    field = 'mode' if saved['lora'] is None or 'params' in {k.split('/')[0] for k in got} else 'lora.variant'
+    lines.append(f'{field}: tau.json ({saved["mode"]}, {json.dumps((saved["lora"] or {}).get("variant"))}) gives '
+                 f'{len(expected)} tensors, {TRAINABLE_FILE} holds {len(got)}: it lacks {absent[:2]}, has '
+                 f'{extra[:2]} besides')
+  else:
+    wrong = [k for k in expected if expected[k] != got[k]]
+    if wrong:
+      field = 'lora.rank' if saved['lora'] is not None else 'mode'
+      lines.append(f'{field}: tau.json gives {wrong[0]} the shape {list(expected[wrong[0]])}, {TRAINABLE_FILE} '
+                   f'holds {list(got[wrong[0]])} ({len(wrong)} tensors differ)')
+  return lines
+
+
 def load_tau(exp: Experiment, recipe: Recipe):
-  """θ_τ plus the run's selected trained variables: (exp with τ's BOS, model_cfg, variables, vocab)."""
+  """θ_τ plus the run's selected trained variables: (exp with τ's BOS, model_cfg, variables, vocab).
+
+  tau.json must agree with the tensors of TRAINABLE_FILE (tau_mismatches); a damaged or missing run file is an
+  error naming it and how to rebuild it from the checkpoints.
+  """
   path = os.path.join(exp.run_dir, TRAINABLE_FILE)
   config_path = os.path.join(exp.run_dir, TAU_CONFIG_FILE)
   for needed in (path, config_path):
-    if not os.path.exists(needed):
+    if not os.path.exists(needed) and not os.path.isdir(os.path.join(exp.run_dir, 'checkpoints')):
       raise FileNotFoundError(f'{needed}: no trained τ in this run directory; run `fiat train` with the same '
                               f'gin files first')
-  with open(config_path, encoding='utf-8') as f:
-    saved = json.load(f)
+  saved = run_files.read_json(config_path)
+  absent = [f for f in TAU_FIELDS if f not in saved]
+  if absent:
+    raise run_files.RunDirError(f'{config_path}: damaged (no field {", ".join(absent)}); {run_files.REBUILD}')
+  trained, record = read_trainable(path)
   if saved['instruction_tuned_base'] != recipe.instruction_tuned_base:
     raise ValueError(f'{config_path}: the run trained instruction_tuned_base={saved["instruction_tuned_base"]}, '
                      f'but the gin files say Recipe.instruction_tuned_base={recipe.instruction_tuned_base}')
@@ -284,16 +359,21 @@ def load_tau(exp: Experiment, recipe: Recipe):
     logging.warning('%s: trained on the base %s, now loading %s', config_path, saved['base_path'], base_path)
   if exp.bos_id is None:
     exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
-  with open(path, 'rb') as f:
-    trained = flax.serialization.msgpack_restore(f.read())
   if stacking.is_scanned(trained) != cfg.scan_layers:
     raise ValueError(f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
                      f'{"stacked on layers" if stacking.is_scanned(trained) else "per layer"}), but τ is loaded with '
                      f'tau_model.scan_layers={cfg.scan_layers}: bind --gin.tau_model.scan_layers='
                      f'{stacking.is_scanned(trained)}')
+  try:
+    lines = tau_mismatches(saved, record, trained, cfg, params)
+  except (TypeError, ValueError) as e:  # a field LoraConfig refuses (unknown variant, rank 0, an unknown field)
+    lines = [f'lora: {e}']
+  if lines:
+    raise run_files.RunDirError(f'{config_path}: does not match the adapter saved in {path}:\n' +
+                                '\n'.join(f'  {line}' for line in lines) +
+                                f'\nRestore tau.json ({run_files.REBUILD})')
   if saved['lora'] is not None:
-    lora = {k: tuple(v) if isinstance(v, list) else v for k, v in saved['lora'].items()}
-    cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(**lora))
+    cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(**saved['lora']))
     variables = {'params': params, **trained}
   else:
     variables = trained

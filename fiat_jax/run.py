@@ -4,6 +4,7 @@ when τ is exported. `fiat evaluate` is in evaluation.py; Algorithm 2 (inference
 rationale (from the store, else from the backend) -> τ's inputs -> greedy decoding with the merged θ'_τ -> answer
 and score.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,6 +25,7 @@ from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
 from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
 from fiat_jax import readers
+from fiat_jax import run_files
 from fiat_jax import train
 from fiat_jax.beta import run as beta_run
 
@@ -66,15 +68,24 @@ def _subsample(examples: list[dict], per_language: Optional[int], seed: int) -> 
   return [ex for ex in examples if id(ex) in keep]
 
 
-@gin.configurable(denylist=['exp', 'recipe'])
+@gin.configurable(denylist=['exp', 'recipe', 'allow_changed_settings'])
 def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[experiment.Beta] = None,
-          tcfg=None) -> dict:
-  """Algorithm 1 for one recipe (or the ICL baseline): writes run_dir/metrics.json and returns it."""
-  beta = beta or experiment.Beta()
+          tcfg=None, allow_changed_settings: bool = False) -> dict:
+  """Algorithm 1 for one recipe (or the ICL baseline): writes run_dir/metrics.json and returns it.
+
+  The run directory must be writable and is held (run_files.lock) until the end: one `fiat train` at a time.
+  """
   run_dir = exp.run_dir
-  os.makedirs(run_dir, exist_ok=True)
-  experiment.write_provenance(run_dir)
+  run_files.check_writable(run_dir)
+  with (run_files.lock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()):
+    return _build(exp, recipe, beta or experiment.Beta(), tcfg, allow_changed_settings)
+
+
+def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experiment.Beta, tcfg,
+           allow_changed_settings: bool) -> dict:
+  run_dir = exp.run_dir
   if recipe.method == 'icl':
+    experiment.write_provenance(run_dir)
     logging.info('ICL: nothing to train; β answers the %s split alone', exp.test_split)
     generate_rationales(exp, beta, (exp.test_split,))
     result = beta_run.icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
@@ -107,14 +118,18 @@ def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[
     final.update(out, step=step)
     return evaluation.flat(out['result'])
 
+  # config.gin is written once the settings are checked against the recorded ones (a refused resume keeps it).
   res = train.train(tcfg, model_cfg, params, batches, data.fingerprint(task, 'train'), run_dir, base_path=path,
-                    evaluate=evaluation.scores_fn(exp, model, vocab, val), final_eval=final_eval)
+                    evaluate=evaluation.scores_fn(exp, model, vocab, val), final_eval=final_eval,
+                    settings={'run': {'recipe': dataclasses.asdict(recipe), 'experiment': dataclasses.asdict(exp)}},
+                    allow_changed_settings=allow_changed_settings,
+                    on_start=lambda: experiment.write_provenance(run_dir))
   if res.preempted:
     logging.warning('preempted at step %d: rerun the same command to resume', res.step)
     return {'preempted': True, 'step': res.step}
   # The checkpoint selected on validation, with the variant's frozen tensors (PiSSA's, VeRA's): θ_PEFT whole.
   adapter = {**res.trainable, **{k: v for k, v in res.frozen.items() if k != 'params'}}
-  experiment.save_trainable(run_dir, jax.device_get(adapter))
+  experiment.save_trainable(run_dir, jax.device_get(adapter), model_cfg)
   experiment.write_tau_config(run_dir, model_cfg, path, recipe, res, exp.bos_id)
   logging.info('run directory %s: the selected τ (step %d) is %s', run_dir, res.selected_step,
                experiment.TRAINABLE_FILE)
@@ -130,8 +145,13 @@ def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[
 # ---- Command line --------------------------------------------------------------------------------------------
 
 def train_main(argv: list[str]) -> int:
-  """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE]`: Algorithm 1, metrics in the run dir."""
-  cli.parse_gin(argv, 'fiat train')
-  out = cli.name_missing_macros(lambda: build(experiment.Experiment(), experiment.Recipe()))
+  """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE] [--allow_changed_settings]`: Algorithm 1,
+  metrics in the run dir."""
+  args = cli.parse_gin(argv, 'fiat train', lambda ap: ap.add_argument(
+      '--allow_changed_settings', action='store_true',
+      help='resume although settings differ from the run\'s train_config.json; the change is recorded in '
+           'settings_history.jsonl'))
+  out = cli.name_missing_macros(lambda: build(experiment.Experiment(), experiment.Recipe(),
+                                              allow_changed_settings=args.allow_changed_settings))
   print(json.dumps(experiment.finite(evaluation.headline(out)), indent=1, allow_nan=False))
   return 0 if not out.get('preempted') else 3

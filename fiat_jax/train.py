@@ -15,7 +15,6 @@ decoder_positions.
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import signal
@@ -37,6 +36,7 @@ from fiat_jax import losses
 from fiat_jax import lora as lora_lib
 from fiat_jax import model as model_lib
 from fiat_jax import optim as optim_lib
+from fiat_jax import run_files
 from fiat_jax import sharding
 from fiat_jax import train_log
 
@@ -317,11 +317,14 @@ def _validation_metrics(step, state, frozen, evaluate, eval_batches, eval_fn, me
   return metrics
 
 
-@gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables"])
+@gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables",
+                            "settings", "allow_changed_settings", "on_start"])
 def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Iterable | Callable[[int], Iterable],
           data_fingerprint: str, run_dir: str, *, base_path: str | None = None, lora_variables: dict | None = None,
           evaluate: Callable[[int, dict], dict] | None = None, eval_batches: Iterable | Callable | None = None,
-          final_eval: Callable[[int, dict], dict] | None = None, mesh=None, stream=None) -> TrainResult:
+          final_eval: Callable[[int, dict], dict] | None = None, mesh=None, stream=None,
+          settings: dict | None = None, allow_changed_settings: bool = False,
+          on_start: Callable[[], None] | None = None) -> TrainResult:
   """Trains, evaluating every `eval_every` steps, and resumes from run_dir/checkpoints when there are any.
 
   Args:
@@ -334,6 +337,9 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
       ranks checkpoints by TrainConfig.best_metric.
     final_eval: (step, variables) -> {name: value}, called once on the selected (best) checkpoint, logged as
       test/<name>.
+    settings: more sections of the run's recorded settings (run_files.SETTINGS_FILE), e.g. the recipe.
+    allow_changed_settings: resume although the settings differ from the recorded ones (recording the change).
+    on_start: called once the settings are checked and recorded, before anything is trained.
   """
   if tcfg.mode == "full" and model_cfg.lora is not None:
     raise ValueError("TrainConfig.mode='full' trains every base parameter: set the model config's lora to None")
@@ -351,6 +357,15 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
   base = checkpoint.base_reference(model_cfg, base_path)
   identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
                   base_config_fingerprint=base["config_fingerprint"])
+  # Every setting that shapes the run, checked against the recorded ones before anything is written or trained.
+  recorded = dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(model_cfg), base=base,
+                  data_fingerprint=data_fingerprint, **(settings or {}))
+  steps = mgr.all_steps()
+  for notice in run_files.check_settings(run_dir, recorded, resuming_from=max(steps) if steps else None,
+                                         allow_changed=allow_changed_settings, writer=jax.process_index() == 0):
+    log.text(notice)
+  if on_start is not None:
+    on_start()
 
   # ---- restore, or start and record the run's configuration
   def vet(meta, where):
@@ -366,11 +381,11 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
   if latest is not None:
     state, best = restored, meta["best"]
     log.text(f"resumed from {mgr.directory}/{latest}: step {latest}, data position {meta['data_position']} batches")
-  elif jax.process_index() == 0:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:
-      json.dump(dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(model_cfg), base=base,
-                     data_fingerprint=data_fingerprint), f, indent=1, default=str)
+  # What was logged after the checkpoint resumed from (and a final test) is logged again from here on.
+  dropped = log.rewind(-1 if latest is None else latest)
+  if dropped:
+    when = f"after step {latest}" if latest is not None else "by an attempt that saved no checkpoint"
+    log.text(f"{log.path}: dropped {dropped} records logged {when} (this run logs those steps again)")
   if jax.process_index() == 0:
     log.text(lora_lib.summary(state["trainable"], frozen))
 

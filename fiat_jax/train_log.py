@@ -11,6 +11,8 @@ import time
 
 import jax
 
+from fiat_jax import run_files
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -30,9 +32,10 @@ class RunLog:
     self._writer = None
     self._jsonl = None
     self._t0, self._step0 = None, None
+    self.path = os.path.join(run_dir, METRICS_FILE)
     if self.writes:
       os.makedirs(run_dir, exist_ok=True)
-      self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")
+      self._jsonl = open(self.path, "a", encoding="utf-8")
       if tensorboard:
         from clu import metric_writers  # imports TensorFlow: only when event files are wanted
         self._writer = metric_writers.create_default_writer(os.path.join(run_dir, "tensorboard"),
@@ -49,6 +52,28 @@ class RunLog:
     record.update({k: _plain(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
+
+  def rewind(self, step: int) -> int:
+    """Drops the records after `step` and every final test/ record (a resumed run logs them again); returns how
+    many were dropped, a torn last line included. metrics.jsonl is rewritten atomically."""
+    if not self.writes:
+      return 0
+    self._jsonl.close()
+    with open(self.path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:  # a line cut by a kill mid-write
+        continue
+      if isinstance(record, dict) and record.get("step", math.inf) <= step and \
+          not any(k.startswith("test/") for k in record):
+        kept.append(line)
+    if len(kept) != len(lines):
+      run_files.write_atomic(self.path, "".join(line + "\n" for line in kept))
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+    return len(lines) - len(kept)
 
   def text(self, message: str):
     """A line for the user (stdout), e.g. resume and checkpoint notices."""

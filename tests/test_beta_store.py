@@ -70,12 +70,31 @@ def test_torn_last_line_is_reported_ignored_and_repaired(tmp_path, caplog):
   assert store.read_shard(path)[1] == 0
 
 
-def test_complete_json_without_newline_counts_as_torn(tmp_path):
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path, caplog):
   path = store.shard_path(str(tmp_path), 0)
   with open(path, "w") as f:
     f.write(json.dumps(_record("k1", "e1")) + "\n" + json.dumps(_record("k2", "e2")))
   records, torn = store.read_shard(path)
-  assert [r["key"] for r in records] == ["k1"] and torn == 1
+  assert [r["key"] for r in records] == ["k1", "k2"] and torn == 0
+  with store.ShardWriter(str(tmp_path), 0) as w:  # the writer adds the newline instead of dropping the record
+    w.append(_record("k3", "e3"))
+  assert "lacked its final newline; kept it" in caplog.text
+  assert [r["key"] for r in store.read_records(str(tmp_path))] == ["k1", "k2", "k3"]
+
+
+def test_repair_moves_corrupt_lines_to_a_side_file(tmp_path):
+  d = str(tmp_path)
+  good = [json.dumps(_record(f"k{i}", f"e{i}")) for i in range(4)]
+  path = store.shard_path(d, 0)
+  with open(path, "w") as f:
+    f.write("\n".join([good[0], good[1][:30] + "\x00garbage", good[2], "[1, 2]", good[3]]) + "\n")
+  with pytest.raises(ValueError, match=r"shard-00000.jsonl:2: corrupt record .*`fiat rationales --repair`"):
+    store.read_records(d)
+  assert store.repair(d) == {path: [2, 4]}
+  assert [r["key"] for r in store.read_records(d)] == ["k0", "k2", "k3"]
+  side = [json.loads(line) for line in open(path + store.CORRUPT_SUFFIX)]
+  assert [(e["line"], e["bytes"]) for e in side] == [(2, 38), (4, 6)] and side[1]["text"] == "[1, 2]"
+  assert store.repair(d) == {}  # nothing left to move
 
 
 def test_corrupt_middle_line_is_an_error_naming_file_and_line(tmp_path):

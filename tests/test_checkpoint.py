@@ -164,7 +164,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                                                r"last good checkpoint is .*checkpoints/4"):
     _train(tmp_path / "run", 8, batches)
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["2", "4"]
-  restored = _train(tmp_path / "run", 4)  # nothing left to train: the restored step-4 state
+  restored = _train(tmp_path / "run", 4, allow_changed_settings=True)  # num_steps 8 -> 4 (recorded): the step-4 state
   clean = _train(tmp_path / "clean", 4)
   for a, b in zip(jax.tree_util.tree_leaves(restored.trainable), jax.tree_util.tree_leaves(clean.trainable)):
     np.testing.assert_array_equal(a, b)
@@ -181,7 +181,7 @@ def test_a_half_written_step_directory_is_moved_aside_and_never_listed(tmp_path,
       if name == checkpoint.COMMIT_FILE or name.startswith("manifest"):
         os.remove(os.path.join(root, name))
   capsys.readouterr()
-  res = _train(tmp_path / "run", 8)
+  res = _train(tmp_path / "run", 8, allow_changed_settings=True)  # num_steps 4 -> 8
   out = capsys.readouterr().out
   assert "checkpoints/6 is an incomplete save" in out and "step 4, data position 4 batches" in out
   assert res.step == 8
@@ -233,12 +233,23 @@ def test_a_checkpoint_moves_between_eight_devices_and_one_bit_identically(tmp_pa
 
 def test_resume_with_a_changed_batch_size_or_data_is_an_error_naming_it(tmp_path):
   _train(tmp_path / "run", 2)
-  with pytest.raises(ValueError, match=r"batch_size: checkpoint has 8, this run has 4"):
-    _train(tmp_path / "run", 4, batch_size=4, batches=test_train.step_batches(rows=4))
-  with pytest.raises(ValueError, match=r"data_fingerprint: checkpoint has 'random', this run has 'other'"):
-    _train(tmp_path / "run", 4, fingerprint="other")
+  with pytest.raises(ValueError, match=r"refusing to resume from step 2:\n  train.num_steps: recorded 2, now 4\n"
+                                       r"Use a new run directory"):
+    _train(tmp_path / "run", 4)  # the recorded settings (run_files)
+  with pytest.raises(ValueError, match=r"not even with --allow_changed_settings:\n  data_fingerprint: recorded "
+                                       r"\"random\", now \"other\"\nUse a new run directory"):
+    _train(tmp_path / "run", 2, fingerprint="other", allow_changed_settings=True)
+  # What the checkpoints depend on cannot change even when changes are allowed.
+  with pytest.raises(ValueError, match=r"not even with --allow_changed_settings:\n  train.batch_size: recorded 8, "
+                                       r"now 4\nUse a new run directory"):
+    _train(tmp_path / "run", 4, batch_size=4, batches=test_train.step_batches(rows=4), allow_changed_settings=True)
   cfg = test_train.tiny()
   other = train.TrainConfig(num_steps=4, batch_size=8, tensorboard=False)
-  with pytest.raises(ValueError, match=r"base_config_fingerprint: checkpoint has '[0-9a-f]{16}'"):
+  with pytest.raises(ValueError, match=r"not even with --allow_changed_settings:\n  base.config_fingerprint: "
+                                       r"recorded \"[0-9a-f]{16}\", now \"[0-9a-f]{16}\"\n"):
     train.train(other, helpers.with_lora(cfg, rank=2), test_train.params_of(cfg), test_train.step_batches(),
-                "random", str(tmp_path / "run"), mesh=test_train.one_device())
+                "random", str(tmp_path / "run"), mesh=test_train.one_device(), allow_changed_settings=True)
+  # A run directory whose train_config.json is gone still meets the checkpoint's own identity check.
+  os.remove(tmp_path / "run" / "train_config.json")
+  with pytest.raises(ValueError, match=r"data_fingerprint: checkpoint has 'random', this run has 'other'"):
+    _train(tmp_path / "run", 2, fingerprint="other", allow_changed_settings=True)

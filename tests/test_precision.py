@@ -56,11 +56,11 @@ def watched_step(monkeypatch):
     jax.monitoring.unregister_event_duration_listener(on_event)
 
 
-def run(tmp_path, mode, cfg, params, steps=3, lr=1e-3, lora_variables=None, eps=1e-8):
+def run(tmp_path, mode, cfg, params, steps=3, lr=1e-3, lora_variables=None, eps=1e-8, **kw):
   tcfg = train.TrainConfig(mode=mode, num_steps=steps, batch_size=8, log_every=1, save_every=steps,
                            tensorboard=False, optim=optim.OptimConfig(learning_rate=lr, clip_norm=None, eps=eps))
   return train.train(tcfg, cfg, params, step_batches(), "random", str(tmp_path), mesh=one_device(),
-                     lora_variables=lora_variables)
+                     lora_variables=lora_variables, **kw)
 
 
 def dtypes(tree):
@@ -135,7 +135,7 @@ def test_a_resumed_run_restores_the_float32_state_and_compiles_once(tmp_path, mo
   params = params_of(cfg)
   first = run(tmp_path, "peft", cfg, params, steps=2)
   with watched_step(monkeypatch) as seen:
-    res = run(tmp_path, "peft", cfg, params, steps=4)
+    res = run(tmp_path, "peft", cfg, params, steps=4, allow_changed_settings=True)  # num_steps 2 -> 4
   assert "resumed from" in capsys.readouterr().out and res.step == 4
   assert seen["compiles"] == 1 and len(seen["traces"]) == 1
   state, frozen, new_state = seen["traces"][0]

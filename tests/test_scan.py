@@ -131,11 +131,11 @@ def test_a_scanned_run_resumes_to_the_uninterrupted_result(tmp_path):
   tokens = rng.integers(1, cfg.vocab_size, (16, 8, 17))
   batches = [dict(decoder_input_tokens=t[:, :-1], decoder_target_tokens=t[:, 1:],
                   decoder_loss_weights=np.ones((8, 16), np.float32)) for t in tokens]
-  run = lambda steps, d: train.train(train.TrainConfig(num_steps=steps, batch_size=8, save_every=3, log_every=1,
-                                                       tensorboard=False, remat_policy="full"),
-                                     cfg, params, batches, "fp", str(d))
+  run = lambda steps, d, **kw: train.train(train.TrainConfig(num_steps=steps, batch_size=8, save_every=3,
+                                                             log_every=1, tensorboard=False, remat_policy="full"),
+                                           cfg, params, batches, "fp", str(d), **kw)
   straight = run(6, tmp_path / "a")
   run(3, tmp_path / "b")
-  resumed = run(6, tmp_path / "b")
+  resumed = run(6, tmp_path / "b", allow_changed_settings=True)  # num_steps 3 -> 6, recorded
   assert resumed.step == 6 and stacking.is_scanned(resumed.trainable)
   _close(resumed.trainable, straight.trainable, 0.0)

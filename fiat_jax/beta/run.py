@@ -105,23 +105,31 @@ def rationales(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_dir
                beta=gin.REQUIRED, splits=SPLITS, languages=None, sampling: backends.Sampling | None = None,
                instruction_file: str | None = None, exemplars_file: str | None = None,
                process_index: int | None = None, process_count: int | None = None, status_only: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, repair: bool = False) -> dict:
   """Asks beta about every pending example of `splits` (this process's share) and appends the records.
 
-  Returns counts: done / failed / pending / unparsed, and why the run stopped early if it did.
+  Returns counts: done / failed / pending / unparsed, and why the run stopped early if it did. repair: first
+  move the store's corrupt lines aside (store.repair; this process's shard when there are several processes),
+  so their examples are asked again; `repaired` counts them.
   """
   sampling = sampling or backends.Sampling()
   splits = tuple(splits)
   examples = read_examples(task, data_dir, splits, languages)
   i_beta, texts = build_i_beta(task, examples, instruction_file, exemplars_file)
   items = plan(task, examples, splits, i_beta, texts, beta.identity, sampling)
+  if process_index is None or process_count is None:
+    process_index, process_count = _process()
+  repaired = 0
+  if repair and os.path.isdir(store_dir):
+    for path, lines in store.repair(store_dir, None if process_count == 1 else process_index).items():
+      repaired += len(lines)
+      logging.warning("%s: moved %d corrupt line(s) (line %s) to %s%s; their examples are asked again", path,
+                      len(lines), ", ".join(map(str, lines)), path, store.CORRUPT_SUFFIX)
   records = store.read_records(store_dir) if os.path.isdir(store_dir) else []
   if status_only:
     counts = store.status_counts(records, [(it.split, it.example["language"], it.key) for it in items])
     print(store.format_status(counts))
     return {"status": counts}
-  if process_index is None or process_count is None:
-    process_index, process_count = _process()
   done = store.done_keys(records)
   mine = [it for i, it in enumerate(items) if i % process_count == process_index]
   todo = [it for it in mine if it.key not in done]
@@ -162,7 +170,7 @@ def rationales(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_dir
     f.write(gin.operative_config_str())
   result = {"asked": len(todo), "done": stats["done"], "failed": stats["failed"], "unparsed": stats["unparsed"],
             "pending": len(todo) - stats["done"] - stats["failed"], "tokens_in": stats["tokens_in"],
-            "tokens_out": stats["tokens_out"], "stopped": stopped, "time": time.time()}
+            "tokens_out": stats["tokens_out"], "stopped": stopped, "repaired": repaired, "time": time.time()}
   if budget is not None:
     result["budget"] = budget.summary()
   if getattr(beta, "retries", None) is not None:
@@ -219,15 +227,19 @@ def _run_files():
 def main(argv: list[str]) -> int:
   """`fiat rationales --gin_file=<a runs/ file> [--gin_file=beta/...] [--status]`: beta on every example of the
   run's data set and languages; exit 0 when nothing is left to ask."""
-  args = cli.parse_gin(argv, "fiat rationales", lambda ap: ap.add_argument(
-      "--status", action="store_true", help="print done / failed / pending per split and language, ask nothing"))
+  def flags(ap):
+    ap.add_argument("--status", action="store_true", help="print done / failed / pending per split and language, "
+                                                          "ask nothing")
+    ap.add_argument("--repair", action="store_true", help="move the store's corrupt lines to <shard>.corrupt "
+                                                          "first, and ask β again for their examples")
+  args = cli.parse_gin(argv, "fiat rationales", flags)
   exp, beta = _run_files()
   if beta.backend is None and not args.status:
     raise SystemExit("fiat rationales: Beta.backend is not set: add --gin_file=beta/http.gin (an OpenAI-compatible "
                      "server) or a models/ β file with --gin_file=beta/local.gin")
   result = rationales(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir, beta=beta.backend,
                       languages=exp.languages, instruction_file=beta.instruction_file,
-                      exemplars_file=beta.exemplars_file, status_only=args.status)
+                      exemplars_file=beta.exemplars_file, status_only=args.status, repair=args.repair)
   if args.status:
     return 0
   print(json.dumps(result))

@@ -1,5 +1,6 @@
 """The rationale store: append-only JSON-lines shards (one writer per shard, under an OS lock), keyed so a rerun
-skips what is stored; `select` is how every reader picks the record of an example."""
+skips what is stored; `select` is how every reader picks the record of an example; `repair` moves corrupt lines
+aside. Every complete record is kept: only a line that is not a JSON object is torn or corrupt."""
 import collections
 import fcntl
 import glob
@@ -11,6 +12,7 @@ import time
 from typing import NamedTuple, Sequence
 
 from fiat_jax import readers
+from fiat_jax import run_files
 from fiat_jax.beta import prompts
 
 SHARD_GLOB = "shard-*.jsonl"
@@ -20,6 +22,24 @@ FIELDS = ("key", "example_id", "task", "split", "language", "input_hash", "i_bet
 
 class StoreBusy(RuntimeError):
   """Another process holds a shard's writer lock."""
+
+
+def parse_record(line: bytes) -> dict | None:
+  """The record a line holds, or None when it is not a JSON object (torn by a crash, or corrupt)."""
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError is a ValueError
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _lock(fd: int, path: str) -> None:
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise StoreBusy(f"{path}: another process is writing this shard (it holds the shard's lock); run one "
+                    f"writer per shard (one `fiat rationales` / `fiat infer` per process index at a time)") from None
 
 
 def shard_path(store_dir: str, process_index: int) -> str:
@@ -63,25 +83,26 @@ class ShardWriter:
   def __init__(self, store_dir: str, process_index: int = 0):
     os.makedirs(store_dir, exist_ok=True)
     self.path = shard_path(store_dir, process_index)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(self._fd)
-      self._fd = None
-      raise StoreBusy(f"{self.path}: another process is writing this shard (it holds the shard's lock); run one "
-                      f"writer per shard (one `fiat rationales` / `fiat infer` per process index at a time)") from None
+    self._fd = None
+    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    _lock(fd, self.path)
+    self._fd = fd
     self._repair_torn_tail()
 
   def _repair_torn_tail(self):
-    """Only under the lock: no other writer can be in the middle of this line."""
+    """Only under the lock: no other writer can be in the middle of this line. A last line that is a complete
+    record and lacks only its newline is kept (the newline is added); anything else there is torn."""
     size = os.fstat(self._fd).st_size
     if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
       return
     data = os.pread(self._fd, size, 0)
     keep = data.rfind(b"\n") + 1
-    logging.warning("%s: torn last line (%d bytes, a crash mid-write) removed before appending; that example "
-                    "will be asked again", self.path, len(data) - keep)
+    if parse_record(data[keep:]) is not None:
+      logging.warning("%s: the last record lacked its final newline; kept it and added the newline", self.path)
+      os.write(self._fd, b"\n")
+      return
+    logging.warning("%s: torn last line (%d bytes, a crash mid-write) removed before appending (not a complete JSON "
+                    "record); that example will be asked again", self.path, len(data) - keep)
     os.ftruncate(self._fd, keep)
 
   def append(self, record: dict) -> None:
@@ -105,7 +126,10 @@ class ShardWriter:
 
 
 def read_shard(path: str) -> tuple[list[dict], int]:
-  """Records of one shard and the number of torn last lines (0 or 1), which are reported and ignored."""
+  """Records of one shard and the number of torn last lines (0 or 1), which are reported and ignored.
+
+  A last line without its newline is a record when it is a complete JSON object; otherwise it is torn.
+  """
   with open(path, "rb") as f:
     data = f.read()
   lines = data.split(b"\n")
@@ -113,19 +137,58 @@ def read_shard(path: str) -> tuple[list[dict], int]:
   for i, line in enumerate(lines):
     if not line.strip():
       continue
-    if i == len(lines) - 1:  # text after the final newline: a write that did not finish
+    record = parse_record(line)
+    if record is None and i == len(lines) - 1:  # text after the final newline: a write that did not finish
       torn += 1
       logging.warning("%s:%d: torn last line (%d bytes: a write in progress, or a crash mid-write) ignored", path,
                       i + 1, len(line))
       continue
-    try:
-      record = json.loads(line.decode("utf-8"))
-    except ValueError:
-      record = None
-    if not isinstance(record, dict):
-      raise ValueError(f"{path}:{i + 1}: corrupt record (not a JSON object); the store is damaged there")
+    if record is None:
+      raise ValueError(f"{path}:{i + 1}: corrupt record (not a JSON object); the store is damaged there: "
+                       f"`fiat rationales --repair` moves such lines to {os.path.basename(path)}{CORRUPT_SUFFIX} "
+                       f"and asks β again for their examples")
     records.append(record)
   return records, torn
+
+
+CORRUPT_SUFFIX = ".corrupt"  # beside a shard: the lines `repair` moved out of it, one JSON object each
+
+
+def repair_shard(path: str) -> list[int]:
+  """Under the shard's lock, moves every line that is not a JSON object to <shard>.corrupt (its line number,
+  length and text) and rewrites the shard without them; returns the moved lines' numbers."""
+  fd = os.open(path, os.O_RDWR)
+  _lock(fd, path)
+  try:
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+      lines.pop()  # the final newline ends the last line
+    good, bad, side = [], [], []
+    for i, line in enumerate(lines):
+      if parse_record(line) is not None:
+        good.append(line)
+      elif line.strip():
+        bad.append(i + 1)
+        side.append(json.dumps({"shard": os.path.basename(path), "line": i + 1, "bytes": len(line),
+                                "time": round(time.time(), 3), "text": line.decode("utf-8", "replace")},
+                               ensure_ascii=False) + "\n")
+    if bad:  # the side file holds the lines (on disk) before the shard loses them
+      with open(path + CORRUPT_SUFFIX, "a", encoding="utf-8") as f:
+        f.write("".join(side))
+        f.flush()
+        os.fsync(f.fileno())
+      run_files.write_atomic(path, b"".join(line + b"\n" for line in good))
+    return bad
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def repair(store_dir: str, process_index: int | None = None) -> dict[str, list[int]]:
+  """repair_shard on every shard (or only on process_index's): {shard path: moved line numbers} of the damaged."""
+  paths = (sorted(glob.glob(os.path.join(store_dir, SHARD_GLOB))) if process_index is None
+           else [p for p in [shard_path(store_dir, process_index)] if os.path.exists(p)])
+  return {p: moved for p in paths if (moved := repair_shard(p))}
 
 
 def read_records(store_dir: str) -> list[dict]:

@@ -6,9 +6,9 @@ import subprocess
 
 import jax
 import numpy as np
-from flax import serialization
 
 from e2e.conftest import REPO, env
+from fiat_jax import experiment
 
 LAUNCH = os.path.join(REPO, 'launch', 'local.sh')
 
@@ -22,8 +22,7 @@ def train(paths, processes, devices, name):
   proc = subprocess.run(cmd, cwd=paths['root'], env=env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   run_dir = os.path.join(runs, 'xtreme_up_indic', 'xs_wo_cot')
-  with open(os.path.join(run_dir, 'trainable.msgpack'), 'rb') as f:
-    trainable = serialization.msgpack_restore(f.read())
+  trainable, _ = experiment.read_trainable(os.path.join(run_dir, 'trainable.msgpack'))
   return proc, logs, run_dir, trainable
 
 

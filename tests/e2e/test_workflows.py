@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from e2e.conftest import fiat
+from fiat_jax import experiment
 from fiat_jax import stacking
 
 ROWS = {  # row file -> the models/ file binding its τ checkpoint, and which checkpoint
@@ -137,7 +138,7 @@ def test_unrolled_layers_and_remat_through_the_command(trained, paths, beta_url,
   unrolled_flags = ['--gin.tau_model.scan_layers=False', "--gin.TrainConfig.remat_policy='full'"]
   out = fiat('train', *flags, *unrolled_flags, cwd=paths['root'])
   run_dir = json.loads(out.stdout[out.stdout.index('{'):])['run_dir']
-  load = lambda d: flax.serialization.msgpack_restore(open(os.path.join(d, 'trainable.msgpack'), 'rb').read())
+  load = lambda d: experiment.read_trainable(os.path.join(d, 'trainable.msgpack'))[0]
   scanned, unrolled = load(trained['xs_wo_cot']), load(run_dir)
   assert stacking.is_scanned(scanned) and not stacking.is_scanned(unrolled)
   flat = lambda t: dict(flax.traverse_util.flatten_dict(t))
