@@ -131,7 +131,7 @@ def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[
 
 def train_main(argv: list[str]) -> int:
   """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE]`: Algorithm 1, metrics in the run dir."""
-  cli.parse_gin(argv, 'fiat train')
+  cli.parse_gin(argv, 'train')
   out = cli.name_missing_macros(lambda: build(experiment.Experiment(), experiment.Recipe()))
   print(json.dumps(experiment.finite(evaluation.headline(out)), indent=1, allow_nan=False))
   return 0 if not out.get('preempted') else 3
