@@ -5,8 +5,11 @@ setuptools.setup(
     name="fiat-jax",
     version="0.1.0",
     description="FIAT: a big frozen LLM reasons, a LoRA-tuned moderate LLM answers (JAX/Flax).",
-    packages=setuptools.find_packages(include=["fiat_jax", "fiat_jax.*", "tasks", "tasks.*"]),
-    package_data={"tasks": ["prompts/*"], "": ["*.gin"]},
+    # The gin files live at the top of the repository (gin_configs/) and ship inside the package
+    # (fiat_jax/gin_configs/), where cli.GIN_DIR finds them in an installed copy.
+    packages=setuptools.find_packages(include=["fiat_jax", "fiat_jax.*", "tasks", "tasks.*"]) + ["fiat_jax.gin_configs"],
+    package_dir={"fiat_jax.gin_configs": "gin_configs"},
+    package_data={"tasks": ["prompts/*"], "fiat_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     python_requires=">=3.11",
     # Ranges are the ones the test suite was run with (lower bound = tested).
     install_requires=[

@@ -1,13 +1,22 @@
 """The command-line convention every `fiat` mode shares, as T5X users expect: --gin_file (repeatable; looked up
 in the current directory, then in gin_configs/) and --gin.NAME=VALUE bindings; anything else fails fast."""
 import argparse
+import difflib
+import inspect
 import logging
 import os
+import re
 import sys
 
 import gin
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin_configs')
+from fiat_jax import commands
+
+UsageError = commands.UsageError
+# Installed (a wheel): the gin files ship inside the package. A source checkout (editable install): the repository's.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGED = os.path.join(_PACKAGE, 'gin_configs')
+GIN_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else os.path.join(os.path.dirname(_PACKAGE), 'gin_configs')
 
 
 class _GinPathNoise(logging.Filter):
@@ -29,26 +38,28 @@ _GIN_PATH_NOISE = _GinPathNoise()  # one instance: the root logger keeps it once
 _CHECKPOINTER_NOISE = _CheckpointerNoise()
 
 
-def parse_gin(argv: list[str], prog: str, extra=None, description: str | None = None) -> argparse.Namespace:
-  """Parses the flags (`extra(ap)` adds a mode's own), sets up logging and parses the gin files and bindings.
+def parse_gin(argv: list[str], mode: str) -> argparse.Namespace:
+  """Parses a mode's flags (commands.parser), sets up logging and parses the gin files and bindings.
 
-  An unknown flag, a missing gin file or an unknown configurable / parameter is an error naming it.
+  Every mistake (an unknown flag, a missing gin file, an unknown configurable or parameter, a value gin cannot
+  parse, a required macro left unbound) is a UsageError naming it and the fix.
   """
-  ap = argparse.ArgumentParser(prog=prog, description=description)
-  ap.add_argument('--gin_file', action='append', default=[], help='repeatable; relative to gin_configs/ or cwd')
-  if extra:
-    extra(ap)
-  args, rest = ap.parse_known_args(argv)
+  args, rest = commands.parser(mode).parse_known_args(argv)
   bindings = [a[len('--gin.'):] for a in rest if a.startswith('--gin.')]
   unknown = [a for a in rest if not a.startswith('--gin.')]
   if unknown:
-    ap.error(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE')
+    raise UsageError(f'unknown arguments {unknown}: gin bindings are --gin.NAME=VALUE (`fiat {mode} --help`)')
   setup_logging()
   gin.add_config_file_search_path(GIN_DIR)
   files = [resolve_gin_file(path) for path in args.gin_file]
   # Every configurable any gin file may name must exist before gin parses, whichever mode this is.
   from fiat_jax import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  gin.parse_config_files_and_bindings(files, bindings)  # raises naming any unknown configurable
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  except SyntaxError as e:  # gin's parser: the binding or file line it could not read
+    raise UsageError(_syntax_hint(e, bindings)) from e
+  except ValueError as e:
+    raise UsageError(_gin_error_line(e)) from e
   return args
 
 
@@ -57,7 +68,42 @@ def resolve_gin_file(path: str) -> str:
   for candidate in (path, os.path.join(GIN_DIR, path)):
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise FileNotFoundError(f'--gin_file={path}: not found (looked in the current directory and {GIN_DIR})')
+  raise UsageError(f'--gin_file={path}: not found (looked in the current directory and in {GIN_DIR})')
+
+
+def _syntax_hint(e: SyntaxError, bindings: list[str]) -> str:
+  where = f'{e.filename}:{e.lineno}' if e.filename and e.filename != '<string>' else 'a --gin. binding'
+  text = (e.text or '').strip()
+  name, eq, value = text.partition('=')
+  if eq and text in [b.strip() for b in bindings] and not value.strip()[:1] in ('"', "'", '[', '(', '{', '@', '%'):
+    return (f'--gin.{text}: gin cannot parse the value {value.strip()!r}; a string is quoted for gin inside the '
+            f'shell\'s quotes: --gin.{name.strip()}="\'{value.strip()}\'"')
+  return f'{where}: gin cannot parse {text!r}: {e.msg}'
+
+
+def _gin_error_line(e: ValueError) -> str:
+  """gin's error as one line: an unbound macro, an unknown configurable or parameter (with where it was bound)."""
+  msg = str(e)
+  first = msg.splitlines()[0]
+  if 'gin.macro' in first:  # "No bindings specified for 'DATA_DIR/gin.macro' in config string: <the whole config>"
+    macro = first.split("'")[1].split('/')[0] if "'" in first else first
+    return f'the gin macro {macro} is required and not bound: add --gin.{macro}=VALUE (or a gin file binding it)'
+  where = [line.strip() for line in msg.splitlines()[1:] if line.strip()]
+  return first + _did_you_mean(first) + (f' ({"; ".join(where[:2])})' if where else '')
+
+
+def _did_you_mean(message: str) -> str:
+  """For gin's "Configurable 'C' doesn't have a parameter named 'p'": C's parameters closest to p."""
+  match = re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
+  if not match:
+    return ''
+  try:  # gin has no public look-up of a configurable's function; without it the message stays gin's
+    fn = gin.config._REGISTRY.get_match(match.group(1)).wrapped  # pylint: disable=protected-access
+    names = list(inspect.signature(fn).parameters)
+  except (AttributeError, TypeError, ValueError):
+    return ''
+  close = difflib.get_close_matches(match.group(2), names, n=3)
+  return f' Did you mean {" or ".join(close)}?' if close else f' Its parameters: {", ".join(names)}.'
 
 
 def setup_logging() -> None:
@@ -72,6 +118,9 @@ def setup_logging() -> None:
     handler.addFilter(_CHECKPOINTER_NOISE)  # on the handler: absl's records reach it through the 'absl' logger
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity('info' if level == logging.INFO else 'warning')
+  logging.captureWarnings(True)  # Python warnings in the same format as every other line
+  if not commands.verbose():  # "Unable to initialize backend 'tpu'" and the like, on every machine without one
+    logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
 
 
 def is_bound(name: str) -> bool:
@@ -84,10 +133,10 @@ def is_bound(name: str) -> bool:
 
 
 def name_missing_macros(fn):
-  """Runs fn(); an unbound %MACRO's ValueError is re-raised naming it plainly."""
+  """Runs fn(); an unbound %MACRO's ValueError (gin reports it when the configurable is called) is a UsageError."""
   try:
     return fn()
   except ValueError as e:
-    if 'gin.macro' in str(e):
-      raise ValueError(f'a required gin macro is not bound: {str(e).splitlines()[0]}') from None
+    if 'gin.macro' in str(e).splitlines()[0]:
+      raise UsageError(_gin_error_line(e)) from None
     raise

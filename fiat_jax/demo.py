@@ -21,9 +21,8 @@ import sys
 if __name__ == '__main__':  # as `fiat`: FIAT_GLIBC_MALLOC=reuse's settings before numpy or jax start threads
   from fiat_jax import malloc  # pylint: disable=g-import-not-at-top
   malloc.keep_freed_memory()
-  # The CPU the timings and the repeatability are stated for; TF and XLA's start-up notices are not the demo's.
+  # The CPU the timings and the repeatability are stated for.
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import argparse
 import collections
@@ -41,6 +40,7 @@ import seqio
 
 from fiat_jax import batches as batches_lib
 from fiat_jax import cli
+from fiat_jax import commands
 from fiat_jax import data
 from fiat_jax import decoding
 from fiat_jax import evaluation
@@ -227,7 +227,7 @@ def run_rows(out: str, macros: dict, scale: Scale, progress: Progress) -> None:
     argv += [f"--gin.Experiment.name='{name}'", f"--gin.Experiment.row='{row}'",
              f'--gin.TrainConfig.num_steps={scale.tau_steps}']
     t0 = time.time()
-    cli.parse_gin(argv, 'demo')
+    cli.parse_gin(argv, 'python -m fiat_jax.demo')
     out_metrics = run.build(experiment.Experiment(), experiment.Recipe())
     print(f'demo: {name}: {json.dumps(evaluation.headline(out_metrics))} ({time.time() - t0:.0f} s)')
   gin.clear_config()
@@ -267,6 +267,8 @@ def main(argv: list[str]) -> int:
   ap.add_argument('--out_dir', default='demo_out')
   ap.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke run, not results)')
   args = ap.parse_args(argv)
+  for path in sorted({f for _, _, files in ROWS for f in ['demo.gin'] + files}):
+    cli.resolve_gin_file(path)  # a missing gin file ends the demo now, not after minutes of pre-training
   scale = QUICK if args.quick else Scale()
   once = _Once()
   logging.getLogger().addFilter(once)
@@ -299,4 +301,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(commands.run_guarded('python -m fiat_jax.demo', main, sys.argv[1:]))

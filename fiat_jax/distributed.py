@@ -19,6 +19,8 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
+from fiat_jax import commands
+
 FLAGS = ("coordinator_address", "num_processes", "process_id", "local_device_ids", "distributed")
 ENV = {"coordinator_address": ("FIAT_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
        "num_processes": ("FIAT_NUM_PROCESSES",), "process_id": ("FIAT_PROCESS_ID",),
@@ -39,7 +41,7 @@ def _int(value: str, name: str) -> int:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"{name}={value!r} is not an integer") from None
+    raise commands.UsageError(f"{name}={value!r} is not an integer") from None
 
 
 def _ids(value: str, name: str) -> tuple[int, ...]:
@@ -53,7 +55,7 @@ def pop_flags(argv: list[str]) -> tuple[Settings, list[str]]:
     name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
     if name in FLAGS:
       if not eq:
-        raise ValueError(f"--{name} needs a value: --{name}=VALUE")
+        raise commands.UsageError(f"--{name} needs a value: --{name}=VALUE")
       values[name] = value
     else:
       rest.append(arg)
@@ -71,7 +73,7 @@ def _settings(values: dict, prefix: str) -> Settings:
       out[name] = value
   mode = out.get("distributed", "auto")
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"{prefix}distributed={mode!r}: choose auto, on or off")
+    raise commands.UsageError(f"{prefix}distributed={mode!r}: choose auto, on or off")
   return Settings(**out)
 
 
@@ -118,17 +120,17 @@ def initialize(settings: Settings | None = None, cpu_collectives: str = "gloo", 
   if _explicit(s):
     missing = [n for n in ("coordinator_address", "num_processes", "process_id") if getattr(s, n) is None]
     if missing:
-      raise ValueError(f"multi-process start-up needs coordinator_address, num_processes and process_id; missing "
+      raise commands.UsageError(f"multi-process start-up needs coordinator_address, num_processes and process_id; missing "
                        f"{missing} (flags --NAME=VALUE or environment {[ENV[n][0] for n in missing]})")
     if not 0 <= s.process_id < s.num_processes:
-      raise ValueError(f"process_id={s.process_id} is not in [0, num_processes={s.num_processes})")
+      raise commands.UsageError(f"process_id={s.process_id} is not in [0, num_processes={s.num_processes})")
     jax.distributed.initialize(s.coordinator_address, s.num_processes, s.process_id,
                                local_device_ids=list(s.local_device_ids) if s.local_device_ids else None,
                                initialization_timeout=timeout_s)
   elif on_cloud_tpu_vm():
     jax.distributed.initialize(initialization_timeout=timeout_s)  # workers found from the TPU metadata
   elif s.distributed == "on":
-    raise ValueError("--distributed=on but no coordinator_address / num_processes / process_id was given and this "
+    raise commands.UsageError("--distributed=on but no coordinator_address / num_processes / process_id was given and this "
                      "is not a Cloud TPU VM")
   info = describe()
   logging.info("process %d of %d: %d local / %d global devices (%s)", info["process_index"], info["process_count"],

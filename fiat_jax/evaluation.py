@@ -138,8 +138,7 @@ def replace_rationales(examples: list[dict], rationales: list[str], variant: str
 
 def evaluate_main(argv: list[str]) -> int:
   """`fiat evaluate --gin_file=<the run's files> [--reliance]`: scores the trained run again on a split."""
-  args = cli.parse_gin(argv, 'fiat evaluate', lambda ap: ap.add_argument(
-      '--reliance', action='store_true', help='also with empty and with shuffled rationales (how much τ uses β)'))
+  args = cli.parse_gin(argv, 'evaluate')
   exp, recipe = experiment.Experiment(), experiment.Recipe()
   variants = ('stored', 'empty', 'shuffled') if args.reliance else (gin.query_parameter('evaluate_run.rationales')
                                                                      if cli.is_bound('evaluate_run.rationales')

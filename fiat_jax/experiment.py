@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import seqio
 
+from fiat_jax import commands
 from fiat_jax import config_check
 from fiat_jax import data
 from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
@@ -344,8 +345,8 @@ def load_tau(exp: Experiment, recipe: Recipe):
   config_path = os.path.join(exp.run_dir, TAU_CONFIG_FILE)
   for needed in (path, config_path):
     if not os.path.exists(needed) and not os.path.isdir(os.path.join(exp.run_dir, 'checkpoints')):
-      raise FileNotFoundError(f'{needed}: no trained τ in this run directory; run `fiat train` with the same '
-                              f'gin files first')
+      raise commands.UsageError(f'{needed}: no trained τ in this run directory; run `fiat train` with the same '
+                                f'gin files first')
   saved = run_files.read_json(config_path)
   absent = [f for f in TAU_FIELDS if f not in saved]
   if absent:
@@ -360,7 +361,7 @@ def load_tau(exp: Experiment, recipe: Recipe):
   if exp.bos_id is None:
     exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
   if stacking.is_scanned(trained) != cfg.scan_layers:
-    raise ValueError(f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
+    raise commands.UsageError(f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
                      f'{"stacked on layers" if stacking.is_scanned(trained) else "per layer"}), but τ is loaded with '
                      f'tau_model.scan_layers={cfg.scan_layers}: bind --gin.tau_model.scan_layers='
                      f'{stacking.is_scanned(trained)}')

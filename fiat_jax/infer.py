@@ -109,6 +109,6 @@ def ask_beta(exp: experiment.Experiment, beta: experiment.Beta, examples: list[d
 
 def main(argv: list[str]) -> int:
   """`fiat infer --gin_file=<the run's files> --gin.infer.input_file=IN --gin.infer.output_file=OUT`."""
-  cli.parse_gin(argv, 'fiat infer')
+  cli.parse_gin(argv, 'infer')
   print(json.dumps(cli.name_missing_macros(lambda: infer(experiment.Experiment(), experiment.Recipe()))))
   return 0

@@ -1,5 +1,4 @@
 """Accuracy, AUC-PR, SQuAD F1/EM (XTREME-UP's normalisation), per-language tables, CIs, `fiat score`."""
-import argparse
 import collections
 import json
 import math
@@ -11,6 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from sklearn import metrics as sk_metrics
 
+from fiat_jax import commands
 from fiat_jax import readers
 
 # XOR-AttriQA targets are label words; τ's AUC-PR score is logp(yes) - logp(no).
@@ -268,17 +268,10 @@ def _finite(tree):
 
 def main(argv: list[str]) -> int:
   """`fiat score --task T --gold PATH --predictions FILE`: prints the figures as JSON."""
-  parser = argparse.ArgumentParser(prog='fiat score', description=main.__doc__)
-  parser.add_argument('--task', required=True, choices=readers.DATASETS)
-  parser.add_argument('--gold', required=True,
-                      help='a released gold JSONL file, or the extracted release folder')
-  parser.add_argument('--predictions', required=True, help='JSONL, one {"prediction": ...} a line')
-  parser.add_argument('--split', default='test', choices=readers.SPLITS,
-                      help='with a release folder as --gold')
-  parser.add_argument('--languages', default=None, help='comma-separated, with a release folder')
-  parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
-  parser.add_argument('--bootstrap', type=int, default=1000, help='bootstrap resamples')
-  args = parser.parse_args(argv)
+  args = commands.parser('score').parse_args(argv)
+  for flag, path in (('--gold', args.gold), ('--predictions', args.predictions)):
+    if not readers.exists(path):
+      raise commands.UsageError(f'{flag}={path}: no such file or directory')
   langs = args.languages.split(',') if args.languages else None
   try:
     result = score_files(args.task, args.gold, args.predictions, split=args.split,

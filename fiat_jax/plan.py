@@ -10,7 +10,6 @@ a machine you are not on); without it, for this machine's devices.
 
   fiat plan --gin_file=models/gemma-2-2b-it.gin --mesh=data=1,fsdp=16,model=1 --device=v5e --gin.plan.seq_len=1024
 """
-import argparse
 import dataclasses
 import functools
 import json
@@ -364,16 +363,7 @@ def main(argv: list[str]) -> int:
   prints the plan; exit 1 if it does not fit."""
   from fiat_jax import cli  # pylint: disable=g-import-not-at-top
 
-  def flags(ap):
-    ap.add_argument("--mesh", help="the planned mesh, e.g. data=1,fsdp=16,model=1 (default: plan.num_devices and "
-                    "make_mesh's bindings, else this machine's devices)")
-    ap.add_argument("--device", help="v4 | v5e | v5p | v6e | h100 (default: plan.device)")
-    ap.add_argument("--no_compile", action="store_true",
-                    help="stored trees only: skip compiling the steps for XLA's activation memory (minutes on CPU "
-                         "for a multi-billion-parameter model)")
-    ap.add_argument("--json", default=None, help="also write the plan as JSON to this file")
-
-  args = cli.parse_gin(argv, "fiat plan", flags, description=__doc__)
+  args = cli.parse_gin(argv, "plan")
   kw = {}
   if args.mesh:
     axes = parse_mesh(args.mesh)

@@ -14,6 +14,11 @@ def _gfile():
   return tf.io.gfile
 
 
+def exists(path: str) -> bool:
+  """Whether a local path or a file-system URL (gs://...) exists; local paths without importing TensorFlow."""
+  return os.path.exists(path) if '://' not in path else _gfile().exists(path)
+
+
 DATASETS = ('xor_attriqa', 'xtreme_up_xqa')
 SPLITS = ('train', 'validation', 'test')
 

@@ -2,7 +2,6 @@
 bootstrap intervals), Figure 3, Figure 4's table, Figure 5 (PNG), Figure 6 (PNG and table) and the
 rationale-reliance analysis, from run directories written by `fiat train` / `fiat evaluate`
 (RUNS_DIR/<setting>/<name>/metrics.json)."""
-import argparse
 import csv
 import glob
 import json
@@ -12,6 +11,7 @@ import sys
 from typing import Optional
 
 import tasks
+from fiat_jax import commands
 
 SETTINGS = ('xor_attriqa', 'xtreme_up_indic', 'xtreme_up_full', 'miniature')
 SETTING_TITLES = {'xor_attriqa': 'XOR-AttriQA O(100) Acc / AUC-PR', 'xtreme_up_indic': 'XTREME-UP Indic O(1000) F1',
@@ -387,10 +387,9 @@ def report(runs_dir: str, out_dir: str) -> dict:
 
 def main(argv: list[str]) -> int:
   """`fiat report --runs_dir=RUNS_DIR --out_dir=OUT`: prints the Markdown tables."""
-  ap = argparse.ArgumentParser(prog='fiat report', description=main.__doc__)
-  ap.add_argument('--runs_dir', required=True, help='the RUNS_DIR of the runs (RUNS_DIR/<setting>/<name>/)')
-  ap.add_argument('--out_dir', default=None, help='default: RUNS_DIR/report')
-  args = ap.parse_args(argv)
+  args = commands.parser('report').parse_args(argv)
+  if not os.path.isdir(args.runs_dir):
+    raise commands.UsageError(f'--runs_dir={args.runs_dir}: no such directory')
   try:
     out = report(args.runs_dir, args.out_dir or os.path.join(args.runs_dir, 'report'))
   except (ValueError, OSError) as e:

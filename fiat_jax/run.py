@@ -147,10 +147,7 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
 def train_main(argv: list[str]) -> int:
   """`fiat train --gin_file=runs/<setting>/<row>.gin [--gin.NAME=VALUE] [--allow_changed_settings]`: Algorithm 1,
   metrics in the run dir."""
-  args = cli.parse_gin(argv, 'fiat train', lambda ap: ap.add_argument(
-      '--allow_changed_settings', action='store_true',
-      help='resume although settings differ from the run\'s train_config.json; the change is recorded in '
-           'settings_history.jsonl'))
+  args = cli.parse_gin(argv, 'train')
   out = cli.name_missing_macros(lambda: build(experiment.Experiment(), experiment.Recipe(),
                                               allow_changed_settings=args.allow_changed_settings))
   print(json.dumps(experiment.finite(evaluation.headline(out)), indent=1, allow_nan=False))

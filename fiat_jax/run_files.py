@@ -13,6 +13,8 @@ import os
 import socket
 import time
 
+from fiat_jax import commands
+
 SETTINGS_FILE = "train_config.json"
 HISTORY_FILE = "settings_history.jsonl"
 LOCK_FILE = "run.lock"
@@ -30,7 +32,7 @@ FIXED = ("train.mode", "train.batch_size", "data_fingerprint", "base.config_fing
 REBUILD = "rerun `fiat train` with the run's gin files in this run directory: it rebuilds them from the checkpoints"
 
 
-class RunDirError(ValueError):
+class RunDirError(commands.UsageError):
   """A run directory that cannot be used as it is (busy, not writable, damaged, or recorded other settings)."""
 
 

@@ -17,6 +17,7 @@ import os
 import gin
 
 from fiat_jax import cli
+from fiat_jax import commands
 from fiat_jax import experiment
 from fiat_jax import run
 
@@ -36,7 +37,7 @@ def run_files(setting: str, sizes: list[str], table: str) -> list[str]:
     for name in names:
       path = f'runs/{setting}/{name}.gin'
       if not os.path.exists(os.path.join(cli.GIN_DIR, path)):
-        raise FileNotFoundError(f'{path}: no such run file in {cli.GIN_DIR} (table {table}, setting {setting})')
+        raise commands.UsageError(f'{path}: no such run file in {cli.GIN_DIR} (table {table}, setting {setting})')
       files.append(path)
   return files
 
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
   done = []
   for path in run_files(args.setting, args.sizes.split(','), args.table):
     gin.clear_config()
-    cli.parse_gin([f'--gin_file={path}'] + rest, 'sweep')
+    cli.parse_gin([f'--gin_file={path}'] + rest, 'python -m fiat_jax.sweep')
     exp = experiment.Experiment()
     if not args.force and os.path.exists(os.path.join(exp.run_dir, experiment.METRICS_FILE)):
       print(f'sweep: {path}: {exp.run_dir} is finished, skipped')
@@ -68,4 +69,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(commands.run_guarded('python -m fiat_jax.sweep', main, sys.argv[1:]))

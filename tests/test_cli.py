@@ -5,19 +5,21 @@ import os
 
 import pytest
 
+from fiat_jax import commands
 from fiat_jax import main
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 
 
-def test_unknown_mode_prints_usage(capsys):
+def test_unknown_mode_is_one_line_naming_the_modes(capsys):
   assert main.run(['nope']) == 2
-  assert 'usage: fiat {rationales,' in capsys.readouterr().err
+  assert capsys.readouterr().err == ("fiat: error: unknown mode 'nope'; the modes: rationales, icl, serve, score, "
+                                     "train, evaluate, infer, report, plan (fiat --help)\n")
 
 
 @pytest.mark.parametrize('mode', sorted(main.MODES))
 def test_every_mode_names_an_existing_function(mode):
-  module, func = main.MODES[mode][0].split(':')
+  module, func = main.MODES[mode].target.split(':')
   assert callable(getattr(importlib.import_module(module), func))
 
 
@@ -56,7 +58,7 @@ def test_every_jax_mode_joins_a_multiprocess_run_first(monkeypatch):
   from fiat_jax import distributed  # pylint: disable=g-import-not-at-top
   calls = []
   monkeypatch.setattr(distributed, 'initialize', lambda s: calls.append(('init', s.num_processes, s.process_id)))
-  monkeypatch.setattr(main, 'MODES', {'probe': ('tests_probe_mode:main', True)})
+  monkeypatch.setattr(main, 'MODES', {'probe': commands.Mode('tests_probe_mode:main', True, 'a probe', 'fiat probe')})
   import sys, types  # pylint: disable=g-import-not-at-top,multiple-imports
   probe = types.ModuleType('tests_probe_mode')
   probe.main = lambda argv: calls.append(('mode', argv)) or 0

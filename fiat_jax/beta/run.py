@@ -227,12 +227,7 @@ def _run_files():
 def main(argv: list[str]) -> int:
   """`fiat rationales --gin_file=<a runs/ file> [--gin_file=beta/...] [--status]`: beta on every example of the
   run's data set and languages; exit 0 when nothing is left to ask."""
-  def flags(ap):
-    ap.add_argument("--status", action="store_true", help="print done / failed / pending per split and language, "
-                                                          "ask nothing")
-    ap.add_argument("--repair", action="store_true", help="move the store's corrupt lines to <shard>.corrupt "
-                                                          "first, and ask β again for their examples")
-  args = cli.parse_gin(argv, "fiat rationales", flags)
+  args = cli.parse_gin(argv, "rationales")
   exp, beta = _run_files()
   if beta.backend is None and not args.status:
     raise SystemExit("fiat rationales: Beta.backend is not set: add --gin_file=beta/http.gin (an OpenAI-compatible "
@@ -248,7 +243,7 @@ def main(argv: list[str]) -> int:
 
 def icl_main(argv: list[str]) -> int:
   """`fiat icl --gin_file=<a runs/ file> [--gin.NAME=VALUE]`: prints (and writes) the ICL baseline's scores."""
-  cli.parse_gin(argv, "fiat icl")
+  cli.parse_gin(argv, "icl")
   exp, beta = _run_files()
   print(json.dumps(icl_baseline(task=exp.dataset, data_dir=exp.data_dir, store_dir=exp.store_dir,
                                 split=exp.test_split, languages=exp.languages, beta=beta.backend,

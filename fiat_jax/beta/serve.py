@@ -452,39 +452,7 @@ def serving_beta(beta=gin.REQUIRED):
 
 def main(argv: list[str]) -> int:
   """`fiat serve [--gin_file=F] [--gin.NAME=VALUE] [--tiny] [--host] [--port] ...`."""
-  def flags(ap):
-    ap.add_argument("--tiny", action="store_true", help="serve a random tiny model (tests, demo)")
-    ap.add_argument("--tiny_seed", type=int, default=0)
-    ap.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 unless told otherwise")
-    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port_file)")
-    ap.add_argument("--port_file", help="write the bound port here once listening")
-    ap.add_argument("--model_name", help="the name clients must ask for (default: beta's identity)")
-    ap.add_argument("--request_log", default="fiat_serve_requests.jsonl")
-    ap.add_argument("--api_key_env", help="name of an environment variable holding the key clients must send")
-    ap.add_argument("--max_batch", type=int, default=16)
-    ap.add_argument("--batch_wait_ms", type=float, default=5.0, help="least time a batch waits for more prompts")
-    ap.add_argument("--batch_wait_fraction", type=float, default=0.1,
-                    help="a batch waits up to this fraction of the last batch's decoding time for more prompts")
-    ap.add_argument("--max_new_tokens", type=int, default=256, help="when a request gives no max_tokens (256)")
-    ap.add_argument("--max_tokens_limit", type=int, default=4096,
-                    help="largest max_tokens a request may ask for; more is a 400 (4096)")
-    ap.add_argument("--max_n", type=int, default=16, help="largest n (samples per prompt); more is a 400 (16)")
-    ap.add_argument("--max_prompts", type=int, default=64,
-                    help="most prompts in one /v1/completions request; more is a 400 (64)")
-    ap.add_argument("--max_body_bytes", type=int, default=4 << 20,
-                    help="largest request body; a larger Content-Length is a 413, answered unread (4 MiB)")
-    ap.add_argument("--read_timeout_s", type=float, default=30.0,
-                    help="time to receive a whole request, headers and body, however slowly it trickles in; "
-                         "then a 408 and the connection is closed; also closes idle keep-alive connections (30)")
-    ap.add_argument("--max_connections", type=int, default=64,
-                    help="open connections served at once (one thread each); more are answered 503 (64)")
-    ap.add_argument("--inject_faults", default="",
-                    help="TEST ONLY: e.g. 429=0.1,500=0.1,malformed=0.05,stall=0.05")
-    ap.add_argument("--fault_seed", type=int, default=0)
-    ap.add_argument("--fault_retry_after_s", type=float, default=1.0)
-    ap.add_argument("--fault_stall_s", type=float, default=30.0)
-
-  args = cli.parse_gin(argv, "fiat serve", flags, description=__doc__)
+  args = cli.parse_gin(argv, "serve")
   beta = backends.tiny_local_beta(seed=args.tiny_seed) if args.tiny else serving_beta()
   faults = None
   if args.inject_faults:

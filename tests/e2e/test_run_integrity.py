@@ -38,9 +38,12 @@ def copy_run(original: str, tmp_path) -> tuple[str, str]:
 
 
 def error(out, prefix: str) -> str:
-  """The one stderr line of a failed command that starts with `prefix` (gin adds a line after the error's)."""
-  assert out.returncode == 1, out.stderr[-3000:]
-  found = [line for line in out.stderr.splitlines() if line.startswith(prefix)]
+  """The one-line error (`fiat MODE: error: ...`, exit code 2) of a failed command, from its message on, which
+  starts with `prefix`."""
+  assert out.returncode == 2, out.stderr[-3000:]
+  found = [line.split(': error: ', 1)[1] for line in out.stderr.splitlines()
+           if line.startswith('fiat ') and ': error: ' in line]
+  found = [line for line in found if line.startswith(prefix)]
   assert len(found) == 1, out.stderr[-3000:]
   return found[0]
 
@@ -71,9 +74,9 @@ def test_a_resume_with_other_settings_is_refused_or_recorded(trained, paths, tmp
   before = {name: read(os.path.join(run_dir, name)) for name in ('config.gin', 'train_config.json', 'metrics.jsonl')}
   changed = ['--gin.PEFT_LR=0.05', '--gin.Experiment.seed=7']
   out = fiat('train', *flags(paths, runs), *changed, cwd=paths['root'], check=False)
-  assert out.returncode == 1
+  assert out.returncode == 2
   lines = out.stderr.splitlines()
-  head = lines.index(f"fiat_jax.run_files.RunDirError: {run_dir}/train_config.json: this command's settings differ "
+  head = lines.index(f"fiat train: error: {run_dir}/train_config.json: this command's settings differ "
                      f"from the ones the run recorded; refusing to resume from step 2:")
   assert lines[head + 1:head + 4] == [
       '  train.optim.learning_rate: recorded 0.0003, now 0.05',
@@ -114,8 +117,8 @@ def test_tau_json_and_damaged_run_files_are_named_and_rebuilt(trained, paths, tm
     json.dump(edited, f)
   out = fiat('evaluate', *flags(paths, runs), cwd=paths['root'], check=False)
   lines = out.stderr.splitlines()
-  head = lines.index(f'fiat_jax.run_files.RunDirError: {tau}: does not match the adapter saved in {adapter}:')
-  assert out.returncode == 1 and lines[head + 1:head + 5] == [
+  head = lines.index(f'fiat evaluate: error: {tau}: does not match the adapter saved in {adapter}:')
+  assert out.returncode == 2 and lines[head + 1:head + 5] == [
       '  lora.alpha: tau.json 64, trainable.msgpack 16.0', '  lora.rank: tau.json 4, trainable.msgpack 8',
       '  lora.variant: tau.json "dora", trainable.msgpack "lora"', f'Restore tau.json ({REBUILD})']
 
@@ -127,8 +130,8 @@ def test_tau_json_and_damaged_run_files_are_named_and_rebuilt(trained, paths, tm
   out = fiat('infer', *flags(paths, runs), f'--gin.infer.input_file={inputs!r}',
              f"--gin.infer.output_file={os.path.join(str(tmp_path), 'answers.jsonl')!r}", cwd=paths['root'],
              check=False)
-  assert error(out, 'fiat_jax.run_files.RunDirError: ') == (
-      f'fiat_jax.run_files.RunDirError: {tau}: damaged (50 bytes, not valid JSON: Unterminated string starting at: '
+  assert error(out, '') == (
+      f'{tau}: damaged (50 bytes, not valid JSON: Unterminated string starting at: '
       f'line 5 column 3 (char 45)); {REBUILD}')
 
   shutil.copy(os.path.join(trained, 'tau.json'), tau)
@@ -136,7 +139,7 @@ def test_tau_json_and_damaged_run_files_are_named_and_rebuilt(trained, paths, tm
     with open(adapter, 'wb') as f:
       f.write(read(os.path.join(trained, 'trainable.msgpack'))[:size])
     out = fiat('evaluate', *flags(paths, runs), cwd=paths['root'], check=False)
-    assert error(out, f'fiat_jax.run_files.RunDirError: {adapter}: damaged ({size} bytes; ').endswith(REBUILD)
+    assert error(out, f'{adapter}: damaged ({size} bytes; ').endswith(REBUILD)
 
   with open(tau, 'wb') as f:
     f.write(b'')
@@ -165,9 +168,9 @@ def test_one_train_per_run_directory_and_writability_first(trained, paths, tmp_p
   runs, run_dir = copy_run(trained, tmp_path)
   with read_only(run_dir):
     out = fiat('train', *flags(paths, runs), cwd=paths['root'], check=False)
-  assert error(out, 'fiat_jax.run_files.RunDirError: ') == (
-      f'fiat_jax.run_files.RunDirError: {run_dir}: not writable (Operation not permitted' if os.geteuid() == 0 else
-      f'fiat_jax.run_files.RunDirError: {run_dir}: not writable (Permission denied') + (
+  assert error(out, '') == (
+      f'{run_dir}: not writable (Operation not permitted' if os.geteuid() == 0 else
+      f'{run_dir}: not writable (Permission denied') + (
       '); a run writes its checkpoints and results there: make it writable, or bind another RUNS_DIR')
 
   runs = str(tmp_path / 'fresh')  # a new run that would train long, held by its command
@@ -183,8 +186,8 @@ def test_one_train_per_run_directory_and_writability_first(trained, paths, tmp_p
       assert first.poll() is None and time.monotonic() < deadline
       time.sleep(0.2)
     out = fiat('train', *long_run, cwd=paths['root'], check=False)
-    last = error(out, 'fiat_jax.run_files.RunDirError: ')
-    assert last.startswith(f'fiat_jax.run_files.RunDirError: {run_dir}: another `fiat train` is using this run '
+    last = error(out, '')
+    assert last.startswith(f'{run_dir}: another `fiat train` is using this run '
                            f'directory (held by {holder}')
     assert last.endswith(f'; {lock}); wait for it to end, or use another run directory')
   finally:
@@ -215,8 +218,8 @@ def test_the_store_keeps_complete_records_and_repairs_a_corrupt_line(paths):
   with open(shard, 'wb') as f:
     f.write(b'\n'.join([lines[0], lines[1][:30] + b'\xff', *lines[2:]]) + b'\n')
   out = fiat(*rationales, cwd=paths['root'], check=False)
-  assert error(out, 'ValueError: ') == (
-      f'ValueError: {shard}:2: corrupt record (not a JSON object); the store is damaged there: `fiat rationales '
+  assert error(out, '') == (
+      f'{shard}:2: corrupt record (not a JSON object); the store is damaged there: `fiat rationales '
       '--repair` moves such lines to shard-00000.jsonl.corrupt and asks β again for their examples')
   repaired = summary(fiat(*rationales, '--repair', cwd=paths['root'], check=False))
   assert (repaired['repaired'], repaired['asked'], repaired['done']) == (1, 1, 1)
