@@ -39,8 +39,9 @@ setuptools.setup(
         "openai>=3.57,<4",
     ],
     extras_require={
-        # torch==2.13.0 is pinned exactly: the CPU build; an open range pulls a CUDA build.
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "transformers>=4.50", "peft>=0.15"],
+        # torch==2.13.0 is pinned exactly: the CPU build; an open range pulls a CUDA build. setuptools builds the
+        # wheel tests/e2e/test_first_hour.py installs (bdist_wheel built in from 70.1).
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "setuptools>=70.1", "torch==2.13.0", "transformers>=4.50", "peft>=0.15"],
     },
     entry_points={"console_scripts": ["fiat=fiat_jax.main:run"]},
 )

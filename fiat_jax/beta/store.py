@@ -146,7 +146,7 @@ def read_shard(path: str) -> tuple[list[dict], int]:
     if record is None:
       raise readers.DataError(f"{path}:{i + 1}: corrupt record (not a JSON object); the store is damaged there: "
                               f"`fiat rationales --repair` moves such lines to {os.path.basename(path)}{CORRUPT_SUFFIX} "
-                       f"and asks β again for their examples")
+                              f"and asks β again for their examples")
     records.append(record)
   return records, torn
 
