@@ -49,6 +49,7 @@ def installed(tmp_path_factory):
 
 
 def test_the_wheel_carries_its_gin_files_and_runs_outside_the_source_tree(installed):
+  """fiat train on tiny.gin, fiat plan --no_compile on a models/ file and the quick demo, from the wheel."""
   clean = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   where = subprocess.run([installed['python'], '-c', 'import fiat_jax.cli as c; print(c.__file__, c.GIN_DIR)'],
                          cwd=installed['cwd'], env=clean, capture_output=True, text=True, check=True).stdout.split()
@@ -63,9 +64,11 @@ def test_the_wheel_carries_its_gin_files_and_runs_outside_the_source_tree(instal
   planned = fiat(['plan', '--gin_file=models/gemma-2-2b-it.gin', '--no_compile', '--mesh=data=1,fsdp=8,model=1'],
                  installed['cwd'], installed['fiat'])
   assert planned.returncode in (0, 1) and 'fits' in planned.stdout.lower(), planned.stderr[-3000:]
-  demo = subprocess.run([installed['python'], '-m', 'fiat_jax.demo', '--help'], cwd=installed['cwd'], env=clean,
-                        capture_output=True, text=True, check=False)
-  assert demo.returncode == 0 and '--quick' in demo.stdout
+  demo = subprocess.run([installed['python'], '-m', 'fiat_jax.demo', '--quick', '--out_dir=demo_out'],
+                        cwd=installed['cwd'], env=clean, capture_output=True, text=True, check=False, timeout=900)
+  assert demo.returncode == 0, demo.stderr[-3000:]
+  assert '| FIAT |' in demo.stdout and os.path.isfile(os.path.join(installed['cwd'], 'demo_out', 'report',
+                                                                     'agreement.md'))
 
 
 def test_the_paper_command_fails_only_on_the_missing_data_in_one_line(installed):
