@@ -75,7 +75,7 @@ def _syntax_hint(e: SyntaxError, bindings: list[str]) -> str:
   where = f'{e.filename}:{e.lineno}' if e.filename and e.filename != '<string>' else 'a --gin. binding'
   text = (e.text or '').strip()
   name, eq, value = text.partition('=')
-  if eq and text in [b.strip() for b in bindings] and not value.strip()[:1] in ('"', "'", '[', '(', '{', '@', '%'):
+  if eq and text in [b.strip() for b in bindings] and value.strip()[:1] not in ('"', "'", '[', '(', '{', '@', '%'):
     return (f'--gin.{text}: gin cannot parse the value {value.strip()!r}; a string is quoted for gin inside the '
             f'shell\'s quotes: --gin.{name.strip()}="\'{value.strip()}\'"')
   return f'{where}: gin cannot parse {text!r}: {e.msg}'
