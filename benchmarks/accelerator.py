@@ -3,15 +3,15 @@
 The model is Llama-3.2-1B's shape (vocab 128256, hidden 2048, 16 layers, 32 heads / 8 kv heads, head dim 64,
 MLP 8192, tied embeddings, rope_theta 500000; its llama3 rope scaling is left out: it changes no cost) with
 random bfloat16 weights: transformers builds them once (torch seed 0) and saves them with save_pretrained; every
-worker loads that checkpoint (ours with fiat_jax.hf.load, the peer with from_pretrained), so both sides start
+worker loads that checkpoint (ours with fiat_jax.model.hf.load, the peer with from_pretrained), so both sides start
 from the same weights and their first losses agree. Batch 8 x 2048 random token ids (one numpy seed for both);
 LoRA rank 8, alpha 16 on q, k, v, o, gate, up, down; AdamW (lr 1e-4, no weight decay, global-norm clip 1.0 on
 both sides: our OptimConfig's defaults). Rows, each in its own subprocess of this script (`--worker NAME`):
-  ours LoRA / full: fiat_jax.train's step built as train.train builds it (_fresh_state's state, shardings and
+  ours LoRA / full: fiat_jax.training.train's step built as train.train builds it (_fresh_state's state, shardings and
     optim.make; jax.jit with the state donated), lowered and compiled apart from the first step;
   HF LoRA / full: LlamaForCausalLM(attn_implementation="sdpa") in bfloat16 (+ peft LoraConfig),
     torch.optim.AdamW(fused=True) on CUDA (fused=False on CPU), labels=input_ids;
-  decode: fiat_jax.decoding.generate (KV cache) against transformers' generate(use_cache=True), greedy,
+  decode: fiat_jax.model.decoding.generate (KV cache) against transformers' generate(use_cache=True), greedy,
     batch 16, prompt 128, 128 new tokens.
 A worker that runs out of memory is recorded as "oom" and the run goes on. JAX workers get
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 unless it is set (XLA's default 0.75 would cap ours below what torch may use).
@@ -157,10 +157,10 @@ def _overrides(args) -> tuple[dict, dict]:
 
 
 def _ours_model(args, ckpt: str, lora: bool):
-  """(Config, params, mesh): the checkpoint as fiat_jax.hf.load reads it, with the given Config overrides."""
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
-  from fiat_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
+  """(Config, params, mesh): the checkpoint as fiat_jax.model.hf.load reads it, with the given Config overrides."""
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   cfg, params = hf.load(ckpt, mesh=mesh)
   cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None)
@@ -190,14 +190,14 @@ def worker_peak(args, ckpt: str) -> dict:
 
 
 def worker_ours_train(args, ckpt: str, mode: str) -> dict:
-  """fiat_jax.train.train_step as train.train builds it (mode 'peft' or 'full'), lowered and compiled apart."""
+  """fiat_jax.training.train.train_step as train.train builds it (mode 'peft' or 'full'), lowered and compiled apart."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   c, run = shapes(args)
   cfg, params, mesh = _ours_model(args, ckpt, lora=mode == "peft")
   num_steps = run["warmup"] + run["steps"]
@@ -257,9 +257,9 @@ def worker_ours_train(args, ckpt: str, mode: str) -> dict:
 
 
 def worker_ours_decode(args, ckpt: str) -> dict:
-  """fiat_jax.decoding.generate, greedy, KV cache; the first call (compilation included) apart."""
-  from fiat_jax import decoding  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  """fiat_jax.model.decoding.generate, greedy, KV cache; the first call (compilation included) apart."""
+  from fiat_jax.model import decoding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   c, run = shapes(args)
   cfg, params, _ = _ours_model(args, ckpt, lora=False)
   model, variables = model_lib.Transformer(cfg), {"params": params}
@@ -375,7 +375,8 @@ def run_as_worker(args) -> int:
 
 def check_imports() -> list[str]:
   """seqio / TensorFlow modules that our workers' imports load (none may: the accelerator machine has neither)."""
-  for name in ("decoding", "hf", "lora", "model", "optim", "sharding", "train"):
+  for name in ("model.decoding", "model.hf", "model.lora", "model.transformer", "training.optim", "model.sharding",
+               "training.train"):
     importlib.import_module("fiat_jax." + name)
   return _forbidden_loaded()
 

@@ -1,9 +1,9 @@
-"""Greedy KV-cache decoding: fiat_jax.decoding.generate against Hugging Face transformers' generate (use_cache,
+"""Greedy KV-cache decoding: fiat_jax.model.decoding.generate against Hugging Face transformers' generate (use_cache,
 PyTorch) on the same weights, and beta's throughput through `fiat serve` against calling LocalBeta directly.
 
 The model is the train-step benchmark's: model dim 512, 8 layers, 8 heads, 2 kv heads, MLP 1408, vocab 32000,
 float32 (a Llama architecture with random weights). transformers builds it, saves it as a safetensors checkpoint,
-and fiat_jax.hf.load reads that checkpoint: both sides decode with identical weights, and the benchmark reports
+and fiat_jax.model.hf.load reads that checkpoint: both sides decode with identical weights, and the benchmark reports
 how many generated tokens agree. Runs are interleaved (ours, theirs, ours, ...) so load on the machine hits both,
 each after a pause of PAUSE_S seconds.
 
@@ -32,8 +32,8 @@ def build_models(ckpt_dir: str, seed: int = 0):
   """(transformers model, our (Transformer, variables)) with the same random weights, via a safetensors file."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   peer = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).eval()
   peer.save_pretrained(ckpt_dir)
@@ -45,7 +45,7 @@ PAUSE_S = 1.0  # seconds of idle before each timed run
 
 
 def time_ours(ours, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
-  from fiat_jax import decoding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import decoding  # pylint: disable=g-import-not-at-top
   model, variables = ours
   start = time.perf_counter()
   res = decoding.generate(model, variables, prompts.tolist(), max_new_tokens=new_tokens, eos_id=None,

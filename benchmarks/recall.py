@@ -74,8 +74,8 @@ def build(args, ckpt_dir: str):
   """(transformers model, our (model, params)) with identical random weights, via a safetensors checkpoint."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   torch.manual_seed(args.seed)
   peer = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=args.width, intermediate_size=args.width * 8 // 3, num_hidden_layers=args.layers,
@@ -91,8 +91,8 @@ def ours_trainer(model, params, args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import optim  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train  # pylint: disable=g-import-not-at-top
   ocfg = optim.OptimConfig(learning_rate=args.lr, warmup_steps=50, b2=0.98)
   opt = optim.make(ocfg, args.steps, {'params': params})
   tcfg = train.TrainConfig(mode='full')

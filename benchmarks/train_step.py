@@ -1,4 +1,4 @@
-"""One training update: fiat-jax's LoRA train step (fiat_jax.train.train_step, jitted with shardings and donation
+"""One training update: fiat-jax's LoRA train step (fiat_jax.training.train.train_step, jitted with shardings and donation
 as train.train does it) against Hugging Face transformers + peft (PyTorch eager), and full fine-tuning of both
 for memory.
 
@@ -159,14 +159,14 @@ def worker_peak(args) -> dict:
 
 
 def worker_ours(args, mode: str) -> dict:
-  """fiat_jax.train.train_step, built and jitted as train.train builds it (mode 'peft' or 'full')."""
+  """fiat_jax.training.train.train_step, built and jitted as train.train builds it (mode 'peft' or 'full')."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   c = HF_CONFIG
   cfg = model_lib.Config(
       vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], embed_dim=c["hidden_size"],
@@ -452,7 +452,7 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--loss_chunk", type=int, default=32, help="ours: TrainConfig.loss_chunk (0: none)")
   ap.add_argument("--remat", action="store_true", help="ours: TrainConfig.remat_policy='full'")
   ap.add_argument("--kernels", default="fused", choices=("reference", "fused", "xla_attention"),
-                  help="ours: model Config.kernels (fiat_jax/ops.py)")
+                  help="ours: model Config.kernels (fiat_jax/model/ops.py)")
   ap.add_argument("--micro_batches", type=int, default=1,
                   help="ours: TrainConfig.micro_batches (gradient accumulation over slices of the same batch)")
   ap.add_argument("--variant_micro_batches", type=int, default=8,

@@ -7,7 +7,7 @@
 3. τ: a plain model (language modelling over passages and questions) and its instruction-tuned variant (the
    plain one tuned on other tasks in the instruction style), both saved as checkpoints; how well each reads
    (exact match on held-out one-hop English questions in that style: the paper's premise of a competent τ).
-4. The real recipes through gin_configs/demo.gin and `run.build`: few-shot ICL (β alone), fine-tuning the plain
+4. The real recipes through gin_configs/demo.gin and `tuning.build`: few-shot ICL (β alone), fine-tuning the plain
    τ, FIAT, FIAT without CoT-augmented tuning, and without instruction-augmented tuning too. β writes every
    rationale; nothing is copied from the generator.
 5. `fiat report`: a Table 2-style table, Table 3's rows that ran, Figure 3 and Figure 5; per row, how often τ's
@@ -38,21 +38,21 @@ import jax
 import numpy as np
 import seqio
 
-from fiat_jax import batches as batches_lib
+from fiat_jax.training import batches as batches_lib
 from fiat_jax import cli
 from fiat_jax import commands
-from fiat_jax import data
-from fiat_jax import decoding
+from fiat_jax.data import pipeline
+from fiat_jax.model import decoding
 from fiat_jax import evaluation
 from fiat_jax import experiment
-from fiat_jax import metrics
+from fiat_jax.data import metrics
 from fiat_jax import miniature
-from fiat_jax import model as model_lib
-from fiat_jax import optim
-from fiat_jax import readers
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim
+from fiat_jax.data import readers
 from fiat_jax import report
-from fiat_jax import run
-from fiat_jax import train
+from fiat_jax import tuning
+from fiat_jax.training import train
 from fiat_jax.beta import prompts
 from fiat_jax.beta import store
 
@@ -184,7 +184,7 @@ def build_world(out: str, scale: Scale, progress: Progress) -> dict:
   plain = [('', ex['context'] + ' ' + ex['question']) for ex in miniature.examples(len(instructions), seed=303)]
   sp_path = miniature.train_sentencepiece(
       os.path.join(world, 'sp'), miniature.tokenizer_lines(
-          [data.load_i_tau('xtreme_up_xqa'), data.RATIONALE_HEADER, cot[0][0]]))
+          [pipeline.load_i_tau('xtreme_up_xqa'), pipeline.RATIONALE_HEADER, cot[0][0]]))
   vocab = seqio.SentencePieceVocabulary(sp_path)
   size = -(-vocab.vocab_size // 128) * 128
 
@@ -228,7 +228,7 @@ def run_rows(out: str, macros: dict, scale: Scale, progress: Progress) -> None:
              f'--gin.TrainConfig.num_steps={scale.tau_steps}']
     t0 = time.time()
     cli.parse_gin(argv, 'python -m fiat_jax.demo')
-    out_metrics = run.build(experiment.Experiment(), experiment.Recipe())
+    out_metrics = tuning.build(experiment.Experiment(), experiment.Recipe())
     print(f'demo: {name}: {json.dumps(evaluation.headline(out_metrics))} ({time.time() - t0:.0f} s)')
   gin.clear_config()
 

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 
 from fiat_jax import cli
-from fiat_jax import data
-from fiat_jax import decoding
+from fiat_jax.data import pipeline
+from fiat_jax.model import decoding
 from fiat_jax import experiment
-from fiat_jax import model as model_lib
-from fiat_jax import readers
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.data import readers
 from fiat_jax import run_files
-from fiat_jax.beta import run as beta_run
+from fiat_jax.beta import rationales as beta_run
 from fiat_jax.beta import store
 import tasks
 
@@ -100,11 +100,11 @@ def evaluate_run(exp: experiment.Experiment, recipe: experiment.Recipe, split: s
   exp, cfg, variables, vocab = experiment.load_tau(exp, recipe)
   model = model_lib.Transformer(cfg)
   if rationales == 'stored':
-    examples = data.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), split)
+    examples = pipeline.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), split)
   else:
     raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
     stored = store.select(exp.store_dir or '', exp.dataset, raw).by_id(raw)
-    texts = data.stored_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
+    texts = pipeline.stored_rationales(raw, stored, f'{exp.store_dir} {split}', recipe.rationale_field)
     texts = replace_rationales(raw, texts, rationales, exp.seed)
     examples = [experiment.tau_example(exp, recipe, vocab, ex, r) for ex, r in zip(raw, texts)]
   out = evaluate(model, variables, vocab, examples, exp.dataset, max_decode_tokens=exp.max_decode_tokens,

@@ -19,13 +19,13 @@ import seqio
 
 from fiat_jax import commands
 from fiat_jax import config_check
-from fiat_jax import data
-from fiat_jax import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
+from fiat_jax.data import pipeline
+from fiat_jax.model import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
 from fiat_jax import run_files
-from fiat_jax import stacking
-from fiat_jax import vocab as vocab_lib
+from fiat_jax.model import stacking
+from fiat_jax.model import vocab as vocab_lib
 import tasks
 
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
@@ -50,14 +50,14 @@ class Recipe:
   rationale_field: str = 'rationale'  # ŷ_β = the store record's parsed reasoning | raw: β's whole output
 
   def __post_init__(self):
-    if self.rationale_field not in data.RATIONALE_FIELDS:
-      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {data.RATIONALE_FIELDS}')
+    if self.rationale_field not in pipeline.RATIONALE_FIELDS:
+      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {pipeline.RATIONALE_FIELDS}')
     if self.method not in ('tau', 'icl'):
       raise ValueError(f'Recipe.method: {self.method!r} is not tau or icl')
     if self.rationale not in ('input', 'none', 'distilled'):
       raise ValueError(f'Recipe.rationale: {self.rationale!r} is not input, none or distilled')
     if self.rationale == 'distilled' and not self.instruction:
-      raise ValueError('Recipe: rationale=distilled needs instruction=True (data.py formats it with I_tau)')
+      raise ValueError('Recipe: rationale=distilled needs instruction=True (pipeline.py formats it with I_tau)')
 
   @property
   def data_recipe(self) -> str:
@@ -187,16 +187,16 @@ def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) 
   """Points the seqio tasks that format [I_τ ; x ; ŷ_β] -> y (`import tasks`) at the run's release, store, τ
   vocabulary and inputs length; returns the recipe's mixture name."""
   exp.require('dataset', 'mixture', 'data_dir')
-  data.use(data.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
+  pipeline.use(pipeline.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
                          exp.inputs_length, exp.languages, rationale_field=recipe.rationale_field))
   return f'{exp.mixture}_{recipe.data_recipe}'
 
 
 def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale: Optional[str]) -> dict:
-  """One canonical example formatted for τ as data.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
+  """One canonical example formatted for τ as pipeline.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
   definition = tasks.definition(exp.dataset)
-  i_tau = data.load_i_tau(exp.dataset) if recipe.instruction else None
-  text, _ = data.render_inputs(exp.dataset, recipe.data_recipe, example, rationale, vocab, exp.inputs_length,
+  i_tau = pipeline.load_i_tau(exp.dataset) if recipe.instruction else None
+  text, _ = pipeline.render_inputs(exp.dataset, recipe.data_recipe, example, rationale, vocab, exp.inputs_length,
                                f'example {example["id"]}', i_tau=i_tau)
   target = definition.target(example) if ('label' in example or 'target' in example) else None
   return {'id': example['id'], 'language': example['language'], 'inputs': vocab.encode(text),

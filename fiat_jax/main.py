@@ -32,7 +32,8 @@ def _run_mode(mode: str, rest: list[str]) -> int:
   spec = MODES[mode]
   start = time.time()
   if spec.distributed:
-    from fiat_jax import cli, distributed  # pylint: disable=g-import-not-at-top
+    from fiat_jax import cli  # pylint: disable=g-import-not-at-top
+    from fiat_jax.training import distributed
     cli.setup_logging()
     settings, rest = distributed.pop_flags(rest)
     distributed.initialize(settings)  # once, before any JAX computation; logs this process's place

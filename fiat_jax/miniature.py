@@ -13,7 +13,7 @@ import random
 
 import numpy as np
 
-from fiat_jax import readers
+from fiat_jax.data import readers
 from fiat_jax.beta import prompts
 
 LANGUAGES = ('bn', 'hi', 'mr', 'ur', 'ru')
@@ -193,7 +193,7 @@ def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -
 
 def export_hf(cfg, params, folder: str) -> str:
   """Writes a Llama-architecture Hugging Face checkpoint (config.json + model.safetensors) for hf.load."""
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
   if cfg.activation != 'silu' or not cfg.gated_mlp or cfg.norm_plus_one or cfg.qkv_bias:
     raise ValueError('export_hf writes the Llama layout only (SwiGLU, plain RMSNorm, no qkv bias)')
   os.makedirs(folder, exist_ok=True)

@@ -19,7 +19,7 @@ import gin
 from fiat_jax import cli
 from fiat_jax import commands
 from fiat_jax import experiment
-from fiat_jax import run
+from fiat_jax import tuning
 
 # FIAT first: it generates every split's rationales, which the ICL and distilled-CoT rows reuse. '4' and '6' are
 # Figures 4 and 6; Figure 6's rows need no rationale: w/o CoT with and without I_τ, on the instruction-tuned τ
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
       print(f'sweep: {path}: {exp.run_dir} is finished, skipped')
       continue
     print(f'sweep: {path} -> {exp.run_dir}')
-    out = run.build(exp, experiment.Recipe())
+    out = tuning.build(exp, experiment.Recipe())
     if out.get('preempted'):
       print(f'sweep: {path} was preempted; rerun the sweep to resume it')
       return 3

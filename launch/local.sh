@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs N processes of one command on this machine as one multi-host JAX run (CPU, gloo collectives): process i
-# gets FIAT_COORDINATOR_ADDRESS / FIAT_NUM_PROCESSES / FIAT_PROCESS_ID (read by fiat_jax.distributed) and D fake
+# gets FIAT_COORDINATOR_ADDRESS / FIAT_NUM_PROCESSES / FIAT_PROCESS_ID (read by fiat_jax.training.distributed) and D fake
 # CPU devices. Process 0's output streams here; the others go to LOG_DIR/process-<i>.log.
 #
 #   launch/local.sh [--processes=2] [--devices=2] [--port=PORT] [--log_dir=DIR] [--dry-run] \

@@ -7,9 +7,9 @@ scoring and headline. Tasks xor_attriqa_{lang}_{recipe} and the mixture xor_attr
 import re
 from typing import Optional, Sequence
 
-from fiat_jax import data
-from fiat_jax import metrics
-from fiat_jax import readers
+from fiat_jax.data import pipeline
+from fiat_jax.data import metrics
+from fiat_jax.data import readers
 
 DATASET = 'xor_attriqa'
 LANGUAGES = readers.XOR_ATTRIQA_LANGUAGES
@@ -38,7 +38,7 @@ def postprocess(output: str, example=None, is_target: bool = False):
   """Decoded text -> label word (first word, lower-cased; anything else stays as is: wrong); a seqio target -> its
   canonical example (metric_fn needs its label and language)."""
   if is_target and example is not None:
-    return data.canonical_example(example)
+    return pipeline.canonical_example(example)
   words = output.strip().lower().split()
   return words[0].strip('.,:;!"\'') if words else ''
 

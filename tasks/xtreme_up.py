@@ -7,9 +7,9 @@ xtreme_up_xqa_full_{recipe} (all languages) are registered by `import tasks`.
 import re
 from typing import Optional, Sequence
 
-from fiat_jax import data
-from fiat_jax import metrics
-from fiat_jax import readers
+from fiat_jax.data import pipeline
+from fiat_jax.data import metrics
+from fiat_jax.data import readers
 
 DATASET = 'xtreme_up_xqa'
 LANGUAGES = readers.XTREME_UP_LANGUAGES
@@ -34,7 +34,7 @@ def target(example: dict) -> str:
 def postprocess(output: str, example=None, is_target: bool = False):
   """Decoded text -> the answer, stripped; a seqio target -> its canonical example (metric_fn needs its language)."""
   if is_target and example is not None:
-    return data.canonical_example(example)
+    return pipeline.canonical_example(example)
   return output.strip()
 
 

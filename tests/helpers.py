@@ -4,8 +4,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
 
 
 def tiny_params(cfg, seed=0, gain=3.0):

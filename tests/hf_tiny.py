@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiat_jax import model as model_lib
+from fiat_jax.model import transformer as model_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

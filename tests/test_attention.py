@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fiat_jax import attention
-from fiat_jax import model as model_lib
+from fiat_jax.model import attention
+from fiat_jax.model import transformer as model_lib
 import helpers
 from test_model import VARIANTS
 
@@ -91,8 +91,8 @@ def _step_temp_bytes(length: int) -> int:
   """Compiled temporaries of the LoRA loss-and-gradient step of a 2-layer Llama-3.2-1B shape (bf16, batch 1) with
   the default kernels (nothing is allocated: abstract inputs, compile only)."""
   import flax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train  # pylint: disable=g-import-not-at-top
   cfg = model_lib.Config(vocab_size=128256, num_layers=2, embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                          mlp_dim=8192, rope_theta=500000.0, dtype="bfloat16", param_dtype="bfloat16",
                          lora=lora_lib.LoraConfig(rank=8, alpha=16.0))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import seqio
 
-from fiat_jax import batches
-from fiat_jax import data
-from fiat_jax import readers
+from fiat_jax.training import batches
+from fiat_jax.data import pipeline
+from fiat_jax.data import readers
 
 XQA = os.path.join(os.path.dirname(__file__), 'testdata', 'xtreme_up')
 VOCAB = seqio.ByteVocabulary()
@@ -16,11 +16,11 @@ LENGTHS = {'inputs': 256, 'targets': 40}
 
 
 def _register(data_dir=XQA, inputs_length=None):
-  data.use(data.TaskData(data_dir, vocabulary=VOCAB, inputs_length=inputs_length))
+  pipeline.use(pipeline.TaskData(data_dir, vocabulary=VOCAB, inputs_length=inputs_length))
 
 
 def _example_tokens(name, split, index):
-  ex = data.tokenized(name, split)[index]
+  ex = pipeline.tokenized(name, split)[index]
   return np.concatenate([ex['inputs'], ex['targets']])
 
 
@@ -36,7 +36,7 @@ def test_batches_are_prefix_lm_features_in_shuffled_order():
     for row in range(4):
       index = next(order)
       tokens = _example_tokens('xtreme_up_xqa_full_finetune', 'train', index)
-      n_in = len(data.tokenized('xtreme_up_xqa_full_finetune', 'train')[index]['inputs'])
+      n_in = len(pipeline.tokenized('xtreme_up_xqa_full_finetune', 'train')[index]['inputs'])
       np.testing.assert_array_equal(batch['decoder_target_tokens'][row, :len(tokens)], tokens)
       assert batch['decoder_loss_weights'][row].sum() == len(tokens) - n_in  # Loss on targets only.
       assert batch['decoder_causal_attention'][row, :n_in].all()  # Bidirectional over inputs.
@@ -88,7 +88,7 @@ def test_rationale_targets_are_cut_and_counted_and_rows_carry_their_task():
   order = [next(o) for o in [batches._local_order(3, 0, 0, 1, 0)] for _ in range(3)]
   for row, i in enumerate(order):
     ex = examples[i]
-    assert (batch['decoder_task_ids'][row] == data.TASK_IDS[ex['kind']]).all()
+    assert (batch['decoder_task_ids'][row] == pipeline.TASK_IDS[ex['kind']]).all()
     kept = ex['targets'][:6]  # the 21-token rationale keeps its first 6 tokens (no EOS: it goes on)
     n_in = len(ex['inputs'])
     np.testing.assert_array_equal(batch['decoder_target_tokens'][row, n_in:n_in + len(kept)], kept)
@@ -110,16 +110,16 @@ def test_batches_of_a_distilled_task_follow_the_stream_order(tmp_path):
   replies = store_helpers.replies_by_id('xtreme_up_xqa', XQA, lambda ex: 'R' * 50 + '\nAnswer: ' + ex['target'])
   store_helpers.write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, store_helpers.ScriptedBeta(replies=replies),
                             splits=('train',))  # `fiat rationales`, β writing a 50-byte rationale
-  data.use(data.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi']))
+  pipeline.use(pipeline.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi']))
   name = 'xtreme_up_xqa_hi_distilled_cot'
-  tokenized = data.tokenized(name, 'train')
+  tokenized = pipeline.tokenized(name, 'train')
   assert [ex['kind'] for ex in tokenized] == ['label', 'rationale'] * 3
   it = batches.train_batches(name, 'train', {'inputs': 1024, 'targets': 32}, 2, seed=4, start_step=1)
   order = batches._local_order(6, 4, 0, 1, 2)
   for batch in (next(it), next(it)):
     for row in range(2):
       ex = tokenized[next(order)]
-      assert batch['decoder_task_ids'][row, 0] == data.TASK_IDS[ex['kind']]
+      assert batch['decoder_task_ids'][row, 0] == pipeline.TASK_IDS[ex['kind']]
       assert batch['decoder_loss_weights'][row].sum() == min(len(ex['targets']), 32)
   assert batches.rationale_target_truncation(name, 'train', 32) == {'rationale_targets': 3, 'truncated': 3,
                                                                      'mean_tokens_cut': 19.0}  # 50 + EOS - 32

@@ -14,7 +14,7 @@ import pytest
 
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
-from fiat_jax.beta import run
+from fiat_jax.beta import rationales
 from fiat_jax.beta import serve
 from fiat_jax.beta import store
 
@@ -69,10 +69,10 @@ def read_log(path) -> list[dict]:
 
 def prompt_shas(task_dirs, beta_identity) -> dict[str, str]:
   """prompt sha -> example id, rebuilt the way the run renders prompts."""
-  examples = run.read_examples(task_dirs["task"], task_dirs["data_dir"], run.SPLITS, None)
-  i_beta, texts = run.build_i_beta(task_dirs["task"], examples, task_dirs["instruction_file"],
+  examples = rationales.read_examples(task_dirs["task"], task_dirs["data_dir"], rationales.SPLITS, None)
+  i_beta, texts = rationales.build_i_beta(task_dirs["task"], examples, task_dirs["instruction_file"],
                                    task_dirs["exemplars_file"])
-  items = run.plan(task_dirs["task"], examples, run.SPLITS, i_beta, texts, beta_identity, SAMPLING)
+  items = rationales.plan(task_dirs["task"], examples, rationales.SPLITS, i_beta, texts, beta_identity, SAMPLING)
   return {serve.prompt_sha(prompts.render_plain(it.messages)): it.example["id"] for it in items}
 
 
@@ -85,7 +85,7 @@ def test_faults_retries_and_every_example_stored_once(tmp_path, tiny_beta, task_
   try:
     beta = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=KEY_ENV, concurrency=4,
                              timeout_s=0.5, deadline_s=60, max_retries=30, backoff_base_s=0.01, backoff_max_s=0.05)
-    result = run.rationales(store_dir=str(tmp_path / "store"), beta=beta, sampling=SAMPLING, progress=False,
+    result = rationales.rationales(store_dir=str(tmp_path / "store"), beta=beta, sampling=SAMPLING, progress=False,
                             **task_dirs)
   finally:
     srv.shutdown()
@@ -118,13 +118,13 @@ def test_budget_stops_before_the_cap_and_resume_asks_only_the_rest(tmp_path, tin
   try:
     capped = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=None, concurrency=2,
                                budget=backends.Budget(max_requests=5))
-    first = run.rationales(store_dir=store_dir, beta=capped, sampling=SAMPLING, progress=False, **task_dirs)
+    first = rationales.rationales(store_dir=store_dir, beta=capped, sampling=SAMPLING, progress=False, **task_dirs)
     assert first["stopped"].startswith("BudgetExceeded: budget: the next request could bring requests to 6")
     assert (first["done"], len(read_log(log))) == (5, 5)
     per_token = backends.Budget(max_tokens=10_000, price_in_per_mtok=2.0, price_out_per_mtok=8.0)
     rest = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=None, concurrency=2,
                              budget=per_token)
-    second = run.rationales(store_dir=store_dir, beta=rest, sampling=SAMPLING, progress=False, **task_dirs)
+    second = rationales.rationales(store_dir=store_dir, beta=rest, sampling=SAMPLING, progress=False, **task_dirs)
   finally:
     srv.shutdown()
   assert (second["asked"], second["done"], second["stopped"]) == (13, 13, None)
@@ -139,7 +139,7 @@ def test_token_budget_refuses_a_request_that_could_pass_it(tmp_path, tiny_beta, 
   try:
     beta = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=None, concurrency=1,
                              budget=backends.Budget(max_tokens=100))
-    result = run.rationales(store_dir=str(tmp_path / "s"), beta=beta, sampling=SAMPLING, progress=False,
+    result = rationales.rationales(store_dir=str(tmp_path / "s"), beta=beta, sampling=SAMPLING, progress=False,
                             **task_dirs)
   finally:
     srv.shutdown()
@@ -173,10 +173,10 @@ def test_api_key_never_leaks(tmp_path, tiny_beta, task_dirs, monkeypatch, caplog
   srv = serve.start(tiny_beta, request_log=log, api_key=SECRET)
   try:
     good = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=KEY_ENV)
-    ok = run.rationales(store_dir=str(tmp_path / "store"), beta=good, sampling=SAMPLING, **task_dirs)
+    ok = rationales.rationales(store_dir=str(tmp_path / "store"), beta=good, sampling=SAMPLING, **task_dirs)
     monkeypatch.setenv(KEY_ENV, SECRET + "-wrong")
     bad = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=KEY_ENV, concurrency=1)
-    refused = run.rationales(store_dir=str(tmp_path / "store2"), beta=bad, sampling=SAMPLING, **task_dirs)
+    refused = rationales.rationales(store_dir=str(tmp_path / "store2"), beta=bad, sampling=SAMPLING, **task_dirs)
     with pytest.raises(backends.FatalBetaError) as err:
       bad.call([{"role": "user", "content": "hi"}], SAMPLING, 0)
   finally:
@@ -252,7 +252,7 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_beta, task_dirs, capsys, monk
     stored_at_kill = len(store.read_records(store_dir))
     assert 4 <= stored_at_kill < 18
     try:
-      assert run.main(argv[4:] + ["--status"]) == 0
+      assert rationales.main(argv[4:] + ["--status"]) == 0
     finally:
       gin.clear_config()
     assert capsys.readouterr().out.splitlines()[-1].split() == ["all", "all", str(stored_at_kill), "0",

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fiat_jax.beta import backends
-from fiat_jax.beta import run
+from fiat_jax.beta import rationales
 from fiat_jax.beta import serve
 from fiat_jax.beta import store
 import store_helpers
@@ -34,12 +34,12 @@ def _by_example(store_dir):
                                       backends.Sampling(temperature=1.0, num_samples=3, max_new_tokens=6, seed=5)],
                          ids=["greedy", "self_consistency"])
 def test_local_and_http_store_the_same_rationales(tmp_path, tiny_beta, task_dirs, sampling):
-  local = run.rationales(store_dir=str(tmp_path / "local"), beta=tiny_beta, sampling=sampling, progress=False,
+  local = rationales.rationales(store_dir=str(tmp_path / "local"), beta=tiny_beta, sampling=sampling, progress=False,
                          **task_dirs)
   srv = serve.start(tiny_beta, request_log=str(tmp_path / "log.jsonl"), max_batch=8)
   try:
     http = backends.HttpBeta(base_url=srv.url, model=tiny_beta.identity, api_key_env=None, concurrency=3)
-    remote = run.rationales(store_dir=str(tmp_path / "http"), beta=http, sampling=sampling, progress=False,
+    remote = rationales.rationales(store_dir=str(tmp_path / "http"), beta=http, sampling=sampling, progress=False,
                             **task_dirs)
   finally:
     srv.shutdown()
@@ -62,9 +62,9 @@ def test_local_and_http_store_the_same_rationales(tmp_path, tiny_beta, task_dirs
 
 def test_sampled_rationales_repeat_under_the_same_seed(tmp_path, tiny_beta, task_dirs):
   sampling = backends.Sampling(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=6, seed=7)
-  run.rationales(store_dir=str(tmp_path / "a"), beta=tiny_beta, sampling=sampling, progress=False, **task_dirs)
-  run.rationales(store_dir=str(tmp_path / "b"), beta=tiny_beta, sampling=sampling, progress=False, **task_dirs)
-  again = run.rationales(store_dir=str(tmp_path / "a"), beta=tiny_beta, sampling=sampling, progress=False,
+  rationales.rationales(store_dir=str(tmp_path / "a"), beta=tiny_beta, sampling=sampling, progress=False, **task_dirs)
+  rationales.rationales(store_dir=str(tmp_path / "b"), beta=tiny_beta, sampling=sampling, progress=False, **task_dirs)
+  again = rationales.rationales(store_dir=str(tmp_path / "a"), beta=tiny_beta, sampling=sampling, progress=False,
                          **task_dirs)
   assert again["asked"] == 0  # everything stored: beta is not asked again
   a, b = _by_example(str(tmp_path / "a")), _by_example(str(tmp_path / "b"))
@@ -72,18 +72,18 @@ def test_sampled_rationales_repeat_under_the_same_seed(tmp_path, tiny_beta, task
 
 
 def test_self_consistency_majority_vote():
-  item = run.Item("test", {"id": "e1", "language": "bn"}, [], "v", "k" * 64, 0)
+  item = rationales.Item("test", {"id": "e1", "language": "bn"}, [], "v", "k" * 64, 0)
   sampling = backends.Sampling(temperature=0.7, num_samples=4)
   texts = ["A.\nAnswer: no", "B.\nAnswer: Yes", "C.\nAnswer: yes.", "D, no verdict"]
   comp = backends.Completion(texts, 10, 20, 0.5)
-  rec = run.build_record(item, comp, "xor_attriqa", "http:m", sampling, "HttpBeta")
+  rec = rationales.build_record(item, comp, "xor_attriqa", "http:m", sampling, "HttpBeta")
   assert (rec["rationale"], rec["answer"], rec["raw"]) == ("B.", "Yes", texts[1])
   assert [s["answer"] for s in rec["samples"]] == ["no", "Yes", "yes", None]
-  xqa = run.build_record(item, backends.Completion(["x\nAnswer: The Volga", "y\nAnswer: the  volga",
+  xqa = rationales.build_record(item, backends.Completion(["x\nAnswer: The Volga", "y\nAnswer: the  volga",
                                                     "z\nAnswer: Don"], 1, 1, 0.1),
                          "xtreme_up_xqa", "http:m", backends.Sampling(temperature=0.7, num_samples=3), "HttpBeta")
   assert xqa["answer"] == "The Volga"
-  failed = run.build_record(item, backends.Completion([], None, None, 1.0, "HTTP 500"), "xor_attriqa", "http:m",
+  failed = rationales.build_record(item, backends.Completion([], None, None, 1.0, "HTTP 500"), "xor_attriqa", "http:m",
                             sampling, "HttpBeta")
   assert (failed["error"], failed["rationale"], failed["samples"]) == ("HTTP 500", None, [])
 
@@ -97,7 +97,7 @@ def _store_answers(store_dir, task, answers, name="A", **kw):
 
 
 def test_icl_baseline_xor_attriqa_scores_the_chosen_beta(tmp_path):
-  from fiat_jax import readers
+  from fiat_jax.data import readers
   data_dir = os.path.join(TESTDATA, "xor_attriqa")
   test = readers.read_split("xor_attriqa", data_dir, "test")
   assert len(test) == 15
@@ -110,7 +110,7 @@ def test_icl_baseline_xor_attriqa_scores_the_chosen_beta(tmp_path):
       answers[ex["id"]] = None  # beta fails on it: counted wrong
   store_dir = _store_answers(str(tmp_path / "store"), "xor_attriqa", answers)
   out = str(tmp_path / "icl" / "metrics.json")
-  result = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, output_file=out)
+  result = rationales.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, output_file=out)
   accuracy = {lang: row["accuracy"] for lang, row in result["per_language"].items()}
   assert accuracy == pytest.approx({"bn": 100.0, "fi": 0.0, "ja": 0.0, "ru": 100.0, "te": 200 / 3})
   assert result["headline"]["accuracy_mean_over_languages"]["value"] == pytest.approx((200 + 200 / 3) / 5)
@@ -121,21 +121,21 @@ def test_icl_baseline_xor_attriqa_scores_the_chosen_beta(tmp_path):
   # it refuses the mixture instead of scoring whichever record came last.
   flipped = {ex["id"]: "No" if ex["label"] else "Yes" for ex in test}
   _store_answers(store_dir, "xor_attriqa", flipped, name="B")
-  a = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:A")
-  b = run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:B")
+  a = rationales.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:A")
+  b = rationales.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir, beta="scripted:B")
   assert a["per_language"] == result["per_language"] and a["icl"]["missing"] == 1
   assert b["overall"]["accuracy"] == 0.0 and b["icl"]["missing"] == 0
   with pytest.raises(ValueError, match=r"bn: β 'scripted:\w', I_β version \w+ \(3 examples\); β 'scripted:\w'"):
-    run.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir)
+    rationales.icl_baseline(task="xor_attriqa", data_dir=data_dir, store_dir=store_dir)
 
 
 def test_icl_baseline_xtreme_up(tmp_path):
-  from fiat_jax import readers
+  from fiat_jax.data import readers
   data_dir = os.path.join(TESTDATA, "xtreme_up")
   test = readers.read_split("xtreme_up_xqa", data_dir, "test", languages=["bn"])
   answers = {ex["id"]: "no answer." if ex["target"] == "No Answer" else "the Pather Panchali (1955)" for ex in test}
   store_dir = _store_answers(str(tmp_path / "store"), "xtreme_up_xqa", answers, languages=["bn"])
-  result = run.icl_baseline(task="xtreme_up_xqa", data_dir=data_dir, store_dir=store_dir, languages=["bn"])
+  result = rationales.icl_baseline(task="xtreme_up_xqa", data_dir=data_dir, store_dir=store_dir, languages=["bn"])
   # "No Answer" is exact; "Pather Panchali" vs "pather panchali 1955": precision 2/3, recall 1 -> F1 0.8.
   assert result["per_language"]["bn"]["f1"] == pytest.approx((100 + 80) / 2)
   assert result["per_language"]["bn"]["em"] == pytest.approx(50.0)
@@ -147,9 +147,9 @@ def test_local_beta_from_a_hugging_face_checkpoint_sharded_over_the_mesh(tmp_pat
   import seqio
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from fiat_jax import decoding
-  from fiat_jax import hf
-  from fiat_jax import model as model_lib
+  from fiat_jax.model import decoding
+  from fiat_jax.model import hf
+  from fiat_jax.model import transformer as model_lib
   vocab = seqio.ByteVocabulary()
   config = transformers.LlamaConfig(vocab_size=vocab.vocab_size, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -100,7 +100,7 @@ def test_check_refuses_heldout_exemplars_by_id_and_by_content():
 
 
 def test_shipped_exemplars_are_not_in_the_fixture_heldout_splits():
-  from fiat_jax import readers
+  from fiat_jax.data import readers
   for task, sub in (("xor_attriqa", "xor_attriqa"), ("xtreme_up_xqa", "xtreme_up")):
     data_dir = os.path.join(TESTDATA, sub)
     heldout = readers.read_split(task, data_dir, "validation") + readers.read_split(task, data_dir, "test")

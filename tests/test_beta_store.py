@@ -130,7 +130,7 @@ EXAMPLES = [{"id": "e1", "language": "bn", "question": "Q1?", "answer": "A1", "p
 def _written(d, beta="http:A", i_beta="I", text="R", examples=EXAMPLES, sampling=None, legacy=False):
   """Records as `fiat rationales` writes them (plan + build_record), with I_beta text f'{i_beta} {language}'."""
   from fiat_jax.beta import backends
-  from fiat_jax.beta import run as beta_run
+  from fiat_jax.beta import rationales as beta_run
   sampling = sampling or backends.Sampling()
   texts = {ex["language"]: f"{i_beta} {ex['language']}" for ex in examples}
   items = beta_run.plan("xor_attriqa", {"test": examples}, ("test",), {lang: [] for lang in texts}, texts, beta,

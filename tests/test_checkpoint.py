@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from fiat_jax import checkpoint
-from fiat_jax import optim
-from fiat_jax import sharding
-from fiat_jax import train
+from fiat_jax.training import checkpoint
+from fiat_jax.training import optim
+from fiat_jax.model import sharding
+from fiat_jax.training import train
 import helpers
 import test_train
 
@@ -29,7 +29,9 @@ SCRIPT = textwrap.dedent(f"""
     import os, signal, sys, time
     sys.path[:0] = [{TESTS_DIR!r}, {os.path.dirname(TESTS_DIR)!r}]
     import jax, numpy as np
-    from fiat_jax import optim, sharding, train
+    from fiat_jax.training import optim
+    from fiat_jax.model import sharding
+    from fiat_jax.training import train
     import test_train
 
     run_dir = sys.argv[1]

@@ -47,7 +47,7 @@ def test_a_relative_gin_file_named_like_a_package_is_read_as_a_file(tmp_path, mo
 
 def test_a_language_without_a_file_names_the_run_setting(tmp_path):
   """gu is an XTREME-UP language, but the fixture release has no gu file: the error says which setting asked."""
-  from fiat_jax import readers  # pylint: disable=g-import-not-at-top
+  from fiat_jax.data import readers  # pylint: disable=g-import-not-at-top
   with pytest.raises(readers.DataError, match=r"requested languages \['gu'\] \(the run's Experiment.languages\); "
                      r"this split has \['as', 'bn', 'fi', 'hi', 'ja', 'mr', 'ru', 'te'\]"):
     readers.read_split('xtreme_up_xqa', os.path.join(TESTDATA, 'xtreme_up'), 'train', ['as', 'gu'])
@@ -55,7 +55,7 @@ def test_a_language_without_a_file_names_the_run_setting(tmp_path):
 
 def test_every_jax_mode_joins_a_multiprocess_run_first(monkeypatch):
   """main.run starts jax.distributed (from the popped flags) before the mode, and passes the rest on."""
-  from fiat_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import distributed  # pylint: disable=g-import-not-at-top
   calls = []
   monkeypatch.setattr(distributed, 'initialize', lambda s: calls.append(('init', s.num_processes, s.process_id)))
   monkeypatch.setattr(main, 'MODES', {'probe': commands.Mode('tests_probe_mode:main', True, 'a probe', 'fiat probe')})

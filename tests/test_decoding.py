@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import decoding
-from fiat_jax import model as model_lib
+from fiat_jax.model import decoding
+from fiat_jax.model import transformer as model_lib
 import helpers
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], [3]]

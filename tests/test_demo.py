@@ -2,10 +2,10 @@
 import json
 import os
 
-from fiat_jax import decoding
+from fiat_jax.model import decoding
 from fiat_jax import demo
 from fiat_jax import miniature
-from fiat_jax import readers
+from fiat_jax.data import readers
 from fiat_jax.beta import store
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fiat_jax import decoding
+from fiat_jax.model import decoding
 from fiat_jax.beta import backends
 from fiat_jax.beta import serve
 

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from fiat_jax import optim
-from fiat_jax import train
+from fiat_jax.training import optim
+from fiat_jax.training import train
 from fiat_jax.beta import store
 import test_train
 

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from fiat_jax import hf
-from fiat_jax import hf_export
-from fiat_jax import lora as lora_lib
+from fiat_jax.model import hf
+from fiat_jax.model import hf_export
+from fiat_jax.model import lora as lora_lib
 import helpers
 
 torch = pytest.importorskip("torch")

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from fiat_jax import decoding
-from fiat_jax import hf
-from fiat_jax import model as model_lib
-from fiat_jax import sharding
+from fiat_jax.model import decoding
+from fiat_jax.model import hf
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.model import sharding
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

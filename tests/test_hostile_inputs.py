@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from fiat_jax import metrics
-from fiat_jax import readers
+from fiat_jax.data import metrics
+from fiat_jax.data import readers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 XOR_TEST = os.path.join(TESTDATA, 'xor_attriqa', 'in-language', 'ja.jsonl')  # labels: True, False, True
@@ -86,11 +86,11 @@ def test_ids_are_strings_or_integers(tmp_path, value, expected):
 
 
 def test_infer_inputs_with_a_null_id_are_refused(tmp_path):
-  from fiat_jax import infer  # pylint: disable=g-import-not-at-top
+  from fiat_jax import inference  # pylint: disable=g-import-not-at-top
   path = _write(tmp_path / 'in.jsonl', [json.dumps({'id': None, 'language': 'hi', 'question': 'q', 'title': 't',
                                                     'context': 'c'})])
   with pytest.raises(readers.DataError, match=r"in.jsonl:1: field 'id': expected a non-empty string"):
-    infer.read_inputs(path, 'xtreme_up_xqa')
+    inference.read_inputs(path, 'xtreme_up_xqa')
 
 
 # ---- fiat score --------------------------------------------------------------------------------------------------
@@ -161,7 +161,9 @@ def test_score_names_the_line_of_bytes_that_are_not_utf8(tmp_path, capsys):
 def test_gin_values_of_the_wrong_type_fail_when_built_naming_class_field_value_and_type(binding, message):
   import gin  # pylint: disable=g-import-not-at-top
   from fiat_jax import cli  # pylint: disable=g-import-not-at-top
-  from fiat_jax import experiment, optim, train  # pylint: disable=g-import-not-at-top
+  from fiat_jax import experiment  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim
+  from fiat_jax.training import train
   gin.clear_config()
   cli.parse_gin([f'--gin.{binding}'], 'test')
   try:

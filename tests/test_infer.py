@@ -8,9 +8,9 @@ import pytest
 
 from fiat_jax import cli
 from fiat_jax import experiment
-from fiat_jax import infer
-from fiat_jax import readers
-from fiat_jax import run
+from fiat_jax import inference
+from fiat_jax.data import readers
+from fiat_jax import tuning
 from fiat_jax.beta import store
 import store_helpers
 from test_recipes import XQA, write_store
@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
   argv = ['--gin_file=runs/xtreme_up_full/xs_fiat.gin', '--gin_file=tiny.gin', f"--gin.DATA_DIR='{XQA}'",
           f"--gin.RUNS_DIR='{root / 'runs'}'", f"--gin.STORE_DIR='{store_dir}'"]
   gin.clear_config()
-  assert run.train_main(argv) == 0
+  assert tuning.train_main(argv) == 0
   gin.clear_config()
   return root, argv + ['--gin.Beta.backend=@ScriptedBeta()']
 
@@ -38,7 +38,7 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   inp.write_text(''.join(json.dumps(x, ensure_ascii=False) + '\n' for x in lines))
   before = len(store.read_records(str(root / 'store')))
   io = [f"--gin.infer.input_file='{inp}'", f"--gin.infer.output_file='{out}'"]
-  assert infer.main(argv + io) == 0
+  assert inference.main(argv + io) == 0
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['rationale_source'] for r in rows] == ['store', 'store', 'beta', 'beta']
   assert [r['id'] for r in rows[:2]] == [ex['id'] for ex in known]
@@ -51,7 +51,7 @@ def test_infer_answers_jsonl_asking_beta_only_for_new_inputs(trained):
   gin.clear_config()
   # Run again: the new input's rationale is now stored, β is not asked; τ's answers are the same (greedy).
   out2 = root / 'out2.jsonl'
-  assert infer.main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
+  assert inference.main(argv + [io[0], f"--gin.infer.output_file='{out2}'"]) == 0
   rows2 = [json.loads(line) for line in out2.read_text().splitlines()]
   assert [r['rationale_source'] for r in rows2] == ['store'] * 4
   assert [r['rationale'] for r in rows2] == [r['rationale'] for r in rows]
@@ -67,7 +67,7 @@ def test_infer_rejects_bad_input_naming_line_and_field(trained, tmp_path):
                  json.dumps({'language': 'hi', 'question': 'q', 'title': 't'}) + '\n')
   gin.clear_config()
   with pytest.raises(readers.DataError, match=r"bad.jsonl:2: field 'context'"):
-    infer.main(argv + [f"--gin.infer.input_file='{bad}'", f"--gin.infer.output_file='{tmp_path / 'o'}'"])
+    inference.main(argv + [f"--gin.infer.input_file='{bad}'", f"--gin.infer.output_file='{tmp_path / 'o'}'"])
   gin.clear_config()
 
 
@@ -75,7 +75,7 @@ def test_merge_is_exact_for_the_trained_run(trained):
   """Algorithm 2 runs θ'_τ = θ_τ ⊕ θ_PEFT: the merged model's logits equal the LoRA model's."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   root, argv = trained
   gin.clear_config()
   cli.parse_gin(argv, 'test')

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import ops
-from fiat_jax import optim
-from fiat_jax import sharding
-from fiat_jax import train
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.model import ops
+from fiat_jax.training import optim
+from fiat_jax.model import sharding
+from fiat_jax.training import train
 import helpers
 
 TOKENS = np.array([[3, 17, 250, 9, 41, 5, 77, 120], [8, 8, 1, 2, 3, 200, 4, 6]])

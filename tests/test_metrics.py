@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fiat_jax import metrics
+from fiat_jax.data import metrics
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
 import helpers
 
 GEMMA2_LIKE = dict(activation="gelu_tanh", norm_plus_one=True, scale_embeddings=True, attn_logit_softcap=50.0,

@@ -65,7 +65,7 @@ def run(worker: str, args: list[str], devices: int, num_processes: int = 1) -> l
 # ---- workers (run in subprocesses) -------------------------------------------------------------------------------
 
 def _setup_worker():
-  from fiat_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import distributed  # pylint: disable=g-import-not-at-top
   return distributed.initialize(timeout_s=60)
 
 
@@ -75,7 +75,7 @@ def worker_collectives(out_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from fiat_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import distributed  # pylint: disable=g-import-not-at-top
   gathered = multihost_utils.process_allgather(jnp.asarray([info["process_index"] * 10 + 1.0]))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
   x = jax.make_array_from_callback((jax.device_count(),), jax.sharding.NamedSharding(mesh, jax.P("d")),
@@ -91,7 +91,7 @@ def worker_forward_grad(out_dir: str) -> None:
   """Logits and LoRA gradients of a tiny model on a (data=2, fsdp=2) mesh over every process's devices."""
   info = _setup_worker()
   import jax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
   cfg, params, lora, tokens = _forward_grad_inputs()
   mesh = sharding.make_mesh(data=2, fsdp=2)
   p = jax.jit(lambda x: x, out_shardings=sharding.param_shardings(cfg, mesh))(params)
@@ -111,8 +111,8 @@ def _forward_grad_inputs():
   """A tiny LoRA model with random numpy weights (shapes from eval_shape: nothing to compile)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   cfg = model_lib.tiny_config(vocab_size=264, lora=lora_lib.LoraConfig(rank=4))
   rng = np.random.default_rng(0)
   fill = lambda tree, scale: jax.tree_util.tree_map(
@@ -127,7 +127,7 @@ def _forward_grad_inputs():
 def _loss_and_grads(cfg):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   model = model_lib.Transformer(cfg)
 
   def loss(lora, params, tokens):

@@ -4,9 +4,9 @@ import json
 import gin
 import pytest
 
-from fiat_jax import model as model_lib
-from fiat_jax import plan
-from fiat_jax import train
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import plan
+from fiat_jax.training import train
 
 # tiny_config(vocab 256): D=32, 2 layers, H=4, K=2, E=8, F=64, tied embeddings.
 #   embedding 256*32 = 8192; per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072, mlp 3*32*64 = 6144,

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import optim
-from fiat_jax import plan
-from fiat_jax import train
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim
+from fiat_jax.training import plan
+from fiat_jax.training import train
 import helpers
 from test_train import VOCAB, one_device, params_of, step_batches
 

@@ -7,8 +7,8 @@ import zipfile
 import pytest
 import tensorflow_datasets as tfds
 
-from fiat_jax import readers
-from fiat_jax import tfds_builders
+from fiat_jax.data import readers
+from fiat_jax.data import tfds_builders
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 XOR = os.path.join(TESTDATA, 'xor_attriqa')

@@ -9,9 +9,9 @@ import pytest
 from fiat_jax import cli
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as fiat has them)
 from fiat_jax import experiment
-from fiat_jax import readers
-from fiat_jax import run
-from fiat_jax import train
+from fiat_jax.data import readers
+from fiat_jax import tuning
+from fiat_jax.training import train
 import store_helpers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
@@ -103,7 +103,7 @@ def test_recipe_runs_end_to_end_and_writes_metrics(setting, name, stores, tmp_pa
   if setting == 'xtreme_up_indic':  # the fixture release holds three of the 20 Indic languages
     argv.append("--gin.Experiment.languages=['as', 'hi', 'mr']")
   gin.clear_config()
-  assert run.train_main(argv) == 0
+  assert tuning.train_main(argv) == 0
   run_dir = tmp_path / setting / ('xs_finetune' if name == 'xs_wo_it_base' else name)
   m = json.loads((run_dir / 'metrics.json').read_text())
   for f in ('config.gin', 'version.json', 'operative_config.gin'):
@@ -200,7 +200,7 @@ def test_every_run_selects_checkpoints_on_the_whole_validation_split(tmp_path):
   assert experiment.Experiment().max_eval_examples == 1
   gin.clear_config()
   examples = [{'id': str(i), 'language': lang} for i, lang in enumerate(['as', 'hi', 'as', 'mr', 'hi', 'as'])]
-  kept = run._subsample(examples, 1, seed=0)
+  kept = tuning._subsample(examples, 1, seed=0)
   assert sorted(ex['language'] for ex in kept) == ['as', 'hi', 'mr']
 
 
@@ -210,7 +210,7 @@ def test_distilled_cot_cuts_long_rationales_counts_them_and_trains(tmp_path):
           f"--gin.RUNS_DIR='{tmp_path}'", f"--gin.STORE_DIR='{store_dir}'", "--gin.Experiment.languages=['as', 'mr']",
           '--gin.RATIONALE_LENGTH=64', '--gin.TrainConfig.rationale_loss_weight=0.5']
   gin.clear_config()
-  assert run.train_main(argv) == 0
+  assert tuning.train_main(argv) == 0
   run_dir = tmp_path / 'xtreme_up_indic' / 'xs_distilled_cot'
   m = json.loads((run_dir / 'metrics.json').read_text())
   # 4 as + mr training examples, each a 299-byte rationale + EOS: 300 tokens, cut to 64
@@ -224,14 +224,14 @@ def test_distilled_cot_cuts_long_rationales_counts_them_and_trains(tmp_path):
 
 
 def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
-  from fiat_jax import data  # pylint: disable=g-import-not-at-top
+  from fiat_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   write_store(tmp_path / 'store', 'xor_attriqa', XOR, raw=lambda ex: f'It names {ex["id"]}.\nAnswer: yes')
   texts = {}
   for field in ('rationale', 'raw'):
     parse(['runs/xor_attriqa/xs_fiat.gin', 'tiny.gin'], tmp_path, extra=[f"Recipe.rationale_field = '{field}'"])
     exp, recipe = experiment.Experiment(), experiment.Recipe()
     _, _, vocab, _ = experiment.tau_model()
-    rows = data.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), 'test')
+    rows = pipeline.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), 'test')
     texts[field] = {r['id']: r['inputs_pretokenized'] for r in rows}
     os.makedirs(exp.run_dir, exist_ok=True)
     experiment.write_provenance(exp.run_dir)
@@ -242,8 +242,8 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
     assert m['recipe']['rationale_field'] == field
   assert len(texts['raw']) == 15
   for i, text in texts['raw'].items():
-    assert f'{data.RATIONALE_HEADER} It names {i}.\nAnswer: yes\n' in text
-    assert f'{data.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
+    assert f'{pipeline.RATIONALE_HEADER} It names {i}.\nAnswer: yes\n' in text
+    assert f'{pipeline.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
     assert 'Answer: yes' not in texts['rationale'][i]
   with pytest.raises(ValueError, match="Recipe.rationale_field: 'answer' is not one of"):
     experiment.Recipe(rationale_field='answer')

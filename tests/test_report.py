@@ -3,7 +3,7 @@ import csv
 import json
 import os
 
-from fiat_jax import metrics
+from fiat_jax.data import metrics
 from fiat_jax import report
 
 LANGS = ['as', 'hi', 'mr', 'as', 'hi', 'mr', 'as', 'mr']

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import hf
-from fiat_jax import hf_export
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import stacking
-from fiat_jax import train
+from fiat_jax.model import hf
+from fiat_jax.model import hf_export
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.model import stacking
+from fiat_jax.training import train
 import helpers
 from test_model import VARIANTS
 

@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import optim
-from fiat_jax import train
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim
+from fiat_jax.training import train
 from test_train import one_device, params_of, step_batches, VOCAB
 
 

@@ -7,8 +7,8 @@ import gin
 import pytest
 import seqio
 
-from fiat_jax import data
-from fiat_jax import readers
+from fiat_jax.data import pipeline
+from fiat_jax.data import readers
 from fiat_jax.beta import store
 import store_helpers
 import tasks
@@ -34,57 +34,57 @@ def test_import_registers_every_task_and_mixture_read_at_dataset_time():
           'xtreme_up_xqa_indic_no_cot', 'xtreme_up_xqa_full_finetune'} <= set(tasks.NAMES)
   indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_finetune')
   assert len(indic.tasks) == 20
-  data.use(data.TaskData(XQA, vocabulary=VOCAB))
-  assert data.task_names('xtreme_up_xqa_indic_finetune') == [f'xtreme_up_xqa_{lang}_finetune'
+  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB))
+  assert pipeline.task_names('xtreme_up_xqa_indic_finetune') == [f'xtreme_up_xqa_{lang}_finetune'
                                                              for lang in ('as', 'hi', 'mr')]
-  assert len(data.task_names('xtreme_up_xqa_full_finetune')) == 8  # the languages the release's train split has
+  assert len(pipeline.task_names('xtreme_up_xqa_full_finetune')) == 8  # the languages the release's train split has
   # Examples-proportional rates: hi has 3 train examples, as and mr 2, the languages without a file none.
   rates = {t.name: indic.get_rate(t) for t in indic.tasks}
   assert [rates[f'xtreme_up_xqa_{lang}_finetune'] for lang in ('as', 'hi', 'mr')] == [2.0, 3.0, 2.0]
   assert sum(rates.values()) == 7.0
-  data.use(data.TaskData(XQA, vocabulary=VOCAB, languages=['hi', 'bn']))
-  assert data.task_names('xtreme_up_xqa_indic_no_cot') == ['xtreme_up_xqa_hi_no_cot']
+  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['hi', 'bn']))
+  assert pipeline.task_names('xtreme_up_xqa_indic_no_cot') == ['xtreme_up_xqa_hi_no_cot']
   with pytest.raises(ValueError, match=r"TaskData.store_dir is not set \(recipe 'fiat' needs the rationale store\)"):
-    data.eval_examples('xtreme_up_xqa_hi_fiat', 'train')
+    pipeline.eval_examples('xtreme_up_xqa_hi_fiat', 'train')
   with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_ko_finetune train: no ko examples'):
-    data.eval_examples('xtreme_up_xqa_ko_finetune', 'train')
-  data.use(data.TaskData(XQA, vocabulary=VOCAB, languages=['xx']))
+    pipeline.eval_examples('xtreme_up_xqa_ko_finetune', 'train')
+  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['xx']))
   with pytest.raises(ValueError, match=r"unknown language\(s\) \['xx'\] for xtreme_up_xqa"):
-    data.task_names('xtreme_up_xqa_full_finetune')
+    pipeline.task_names('xtreme_up_xqa_full_finetune')
   with pytest.raises(ValueError, match="'cot' is no task or mixture"):
-    data.task_names('cot')
+    pipeline.task_names('cot')
   with pytest.raises(TypeError, match=r'TaskData.inputs_length: .1024. \(str\) is not'):
-    data.TaskData(XQA, inputs_length='1024')
+    pipeline.TaskData(XQA, inputs_length='1024')
   with pytest.raises(ValueError, match=r"TaskData.source='hf': expected one of \('files', 'tfds'\)"):
-    data.TaskData(XQA, source='hf')
+    pipeline.TaskData(XQA, source='hf')
 
 
 def test_get_dataset_reads_release_store_and_vocabulary_from_gin(tmp_path):
-  """As T5X users do: `import tasks`, bind fiat_jax.data.TaskData in gin, seqio.get_mixture_or_task(...)."""
+  """As T5X users do: `import tasks`, bind fiat_jax.data.pipeline.TaskData in gin, seqio.get_mixture_or_task(...)."""
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
-  data.use(None)
+  pipeline.use(None)
   try:
-    gin.parse_config([f"fiat_jax.data.TaskData.data_dir = '{XOR}'", f"fiat_jax.data.TaskData.store_dir = '{store_dir}'",
-                      'fiat_jax.data.TaskData.inputs_length = 2000'])
-    gin.bind_parameter('fiat_jax.data.TaskData.vocabulary', VOCAB)
+    gin.parse_config([f"fiat_jax.data.pipeline.TaskData.data_dir = '{XOR}'", f"fiat_jax.data.pipeline.TaskData.store_dir = '{store_dir}'",
+                      'fiat_jax.data.pipeline.TaskData.inputs_length = 2000'])
+    gin.bind_parameter('fiat_jax.data.pipeline.TaskData.vocabulary', VOCAB)
     mixture = seqio.get_mixture_or_task('xor_attriqa_fiat')
     got = [(list(ex['inputs']), list(ex['targets'])) for task in mixture.tasks
            for ex in task.get_dataset(None, split='validation', shuffle=False, num_epochs=1).as_numpy_iterator()]
-    expected = data.eval_examples('xor_attriqa_fiat', 'validation')
+    expected = pipeline.eval_examples('xor_attriqa_fiat', 'validation')
     assert len(expected) == 5 and got == [
         (want['inputs'], VOCAB.encode(want['targets_pretokenized']) + [VOCAB.eos_id]) for want in expected]
     for want in expected:
       rationale = store_helpers.rationale_for(want['example'], 'xor_attriqa')
-      assert f'{data.RATIONALE_HEADER} {rationale}\n' in want['inputs_pretokenized']
-    assert data.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 0,
+      assert f'{pipeline.RATIONALE_HEADER} {rationale}\n' in want['inputs_pretokenized']
+    assert pipeline.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 0,
                                                                        'mean_tokens_cut': 0.0}
-    gin.parse_config(['fiat_jax.data.TaskData.inputs_length = 700'])  # read again when the dataset is built
-    assert data.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 2,
+    gin.parse_config(['fiat_jax.data.pipeline.TaskData.inputs_length = 700'])  # read again when the dataset is built
+    assert pipeline.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 2,
                                                                        'mean_tokens_cut': 71.0}
   finally:
     gin.clear_config()
   with pytest.raises(ValueError, match=r'TaskData.data_dir is not set \(xor_attriqa_bn_fiat reads the release\)'):
-    data.eval_examples('xor_attriqa_bn_fiat', 'validation')
+    pipeline.eval_examples('xor_attriqa_bn_fiat', 'validation')
 
 
 def test_tasks_score_with_their_own_definition():
@@ -110,19 +110,19 @@ def test_tasks_score_with_their_own_definition():
 
 def test_formats_per_recipe():
   ex = readers.read_split('xtreme_up_xqa', XQA, 'train', ['hi'])[0]
-  i_tau = data.load_i_tau('xtreme_up_xqa')
+  i_tau = pipeline.load_i_tau('xtreme_up_xqa')
   assert i_tau.startswith('Answer the question from the English passage.')
   x = ('Question: भारत की राजधानी क्या है?\nTitle: New Delhi\nPassage: New Delhi is the capital of '
        'India and a part of the National Capital Territory of Delhi.')
-  assert data.format_inputs('xtreme_up_xqa', ex, 'no_cot', i_tau) == f'{i_tau}\n\n{x}\nAnswer:'
-  assert data.format_inputs('xtreme_up_xqa', ex, 'fiat', i_tau, 'R.') == (
-      f'{i_tau}\n\n{x}\n{data.RATIONALE_HEADER} R.\nAnswer:')
+  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'no_cot', i_tau) == f'{i_tau}\n\n{x}\nAnswer:'
+  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'fiat', i_tau, 'R.') == (
+      f'{i_tau}\n\n{x}\n{pipeline.RATIONALE_HEADER} R.\nAnswer:')
   plain = ('question: भारत की राजधानी क्या है? title: New Delhi context: New Delhi is the capital '
            'of India and a part of the National Capital Territory of Delhi.')
-  assert data.format_inputs('xtreme_up_xqa', ex, 'finetune') == plain
-  assert data.format_inputs('xtreme_up_xqa', ex, 'no_instruction', rationale='R.') == plain + ' rationale: R.'
+  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'finetune') == plain
+  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'no_instruction', rationale='R.') == plain + ' rationale: R.'
   xor = readers.read_split('xor_attriqa', XOR, 'train', ['ru'])[1]
-  assert data.format_inputs('xor_attriqa', xor, 'finetune') == (
+  assert pipeline.format_inputs('xor_attriqa', xor, 'finetune') == (
       'question: Кто написал роман «Война и мир»? answer: Фёдор Достоевский '
       'passage: Роман «Война и мир» написан Львом Толстым.')
   assert xor_attriqa.target(xor) == 'no' and xtreme_up.target(ex) == 'New Delhi'
@@ -132,15 +132,15 @@ def test_formats_per_recipe():
 def test_fiat_rationales_joined_by_id(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
   assert len({r['i_beta_version'] for r in store.read_records(store_dir)}) == 5  # I_β differs per language
-  data.use(data.TaskData(XOR, store_dir, VOCAB))
-  rows = data.eval_examples('xor_attriqa_fiat', 'validation')
+  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
+  rows = pipeline.eval_examples('xor_attriqa_fiat', 'validation')
   assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
   for r in rows:
     rationale = store_helpers.rationale_for(r['example'], 'xor_attriqa')
-    assert f'{data.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
+    assert f'{pipeline.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
     assert r['inputs'] == VOCAB.encode(r['inputs_pretokenized'])
   assert [r['targets_pretokenized'] for r in rows] == ['yes', 'yes', 'yes', 'yes', 'yes']
-  plain = data.eval_examples('xor_attriqa_te_no_instruction', 'test')
+  plain = pipeline.eval_examples('xor_attriqa_te_no_instruction', 'test')
   assert plain[1]['inputs_pretokenized'].endswith(
       f' rationale: {store_helpers.rationale_for(plain[1]["example"], "xor_attriqa")}')
   assert plain[1]['targets_pretokenized'] == 'no'
@@ -149,7 +149,7 @@ def test_fiat_rationales_joined_by_id(tmp_path):
 @pytest.fixture(scope='module')
 def local_beta():
   """A tiny random β (our JAX model; kernels scaled so that it writes non-empty text for every prompt)."""
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   from fiat_jax.beta import backends  # pylint: disable=g-import-not-at-top
   import helpers  # pylint: disable=g-import-not-at-top
   cfg = model_lib.tiny_config(vocab_size=VOCAB.vocab_size)
@@ -169,32 +169,32 @@ def test_fiat_trains_on_a_store_written_by_a_local_beta_with_per_language_i_beta
     versions.setdefault(r['language'], set()).add(r['i_beta_version'])
   assert len(records) == 30 and all(len(v) == 1 for v in versions.values())
   assert len(set.union(*versions.values())) == 5
-  data.use(data.TaskData(XOR, store_dir, VOCAB))
-  rows = data.eval_examples('xor_attriqa_fiat', 'train')
+  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
+  rows = pipeline.eval_examples('xor_attriqa_fiat', 'train')
   by_id = {r['example_id']: r for r in records if r['split'] == 'train'}
   assert len(rows) == 10
   for row in rows:
-    assert f'{data.RATIONALE_HEADER} {by_id[row["id"]]["rationale"].strip()}\n' in row['inputs_pretokenized']
+    assert f'{pipeline.RATIONALE_HEADER} {by_id[row["id"]]["rationale"].strip()}\n' in row['inputs_pretokenized']
 
 
 def test_missing_rationales_are_counted_and_listed(tmp_path):
   train = readers.read_split('xor_attriqa', XOR, 'train', ['fi'])
   skip = {train[0]['id']: None, train[1]['id']: None}  # β fails on these two
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, replies=skip)
-  data.use(data.TaskData(XOR, store_dir, VOCAB))
-  data.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
+  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
+  pipeline.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
   with pytest.raises(readers.DataError) as e:
-    data.eval_examples('xor_attriqa_fi_fiat', 'train')
+    pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')
   assert "2 of 2 examples have no 'rationale' in the store" in str(e.value)
   assert train[0]['id'] in str(e.value) and train[1]['id'] in str(e.value)
   assert 'β failed on it (scripted: no reply)' in str(e.value)
   write_store(store_dir, 'xor_attriqa', XOR)  # β answers them now: the store is read again
-  assert len(data.eval_examples('xor_attriqa_fi_fiat', 'train')) == 2
+  assert len(pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')) == 2
   # A record with an empty rationale is missing too, never an empty string.
   empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, replies={train[0]['id']: 'Answer: yes'})
-  data.use(data.TaskData(XOR, empty, VOCAB))
+  pipeline.use(pipeline.TaskData(XOR, empty, VOCAB))
   with pytest.raises(readers.DataError, match=f"1 of 2 examples have no 'rationale' in the store: {train[0]['id']}"):
-    data.eval_examples('xor_attriqa_fi_fiat', 'train')
+    pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')
 
 
 @pytest.mark.parametrize('change', ['beta', 'i_beta'])
@@ -206,9 +206,9 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
   other_files = files if change == 'beta' else store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa',
                                                                            tag=' v2')
   write_store(store_dir, 'xor_attriqa', XOR, splits=('test',), **other, **other_files)
-  data.use(data.TaskData(XOR, store_dir, VOCAB))
+  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
   with pytest.raises(readers.DataError, match='must come from one β, I_β and sampling') as e:
-    data.eval_examples('xor_attriqa_bn_fiat', 'train')
+    pipeline.eval_examples('xor_attriqa_bn_fiat', 'train')
   text = str(e.value)
   assert all(f'{lang}: ' in text for lang in readers.XOR_ATTRIQA_LANGUAGES)
   if change == 'beta':
@@ -222,22 +222,22 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
 
 def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, splits=('train',))
-  data.use(data.TaskData(XQA, store_dir, VOCAB, languages=['mr']))
+  pipeline.use(pipeline.TaskData(XQA, store_dir, VOCAB, languages=['mr']))
   rows = [dict(r, inputs=r['inputs_pretokenized'], targets=r['targets_pretokenized'], example=json.loads(r['example']))
-          for r in data.tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
+          for r in pipeline.tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
   assert rows[0]['targets'] == 'Mumbai'
   assert rows[1]['targets'] == store_helpers.rationale_for(rows[1]['example'], 'xtreme_up_xqa')
-  assert data.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
+  assert pipeline.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
   # Validation needs no rationale (none is stored for it) and has label outputs only.
-  val = data.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')
+  val = pipeline.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')
   assert [r['targets_pretokenized'] for r in val] == ['Shivneri Fort', 'Mumbai']
 
 
 def test_seqio_task_tokenizes_and_carries_metrics():
-  data.use(data.TaskData(XOR, vocabulary=VOCAB, languages=['bn']))
+  pipeline.use(pipeline.TaskData(XOR, vocabulary=VOCAB, languages=['bn']))
   task = seqio.get_mixture_or_task('xor_attriqa_bn_finetune')
   ex = next(task.get_dataset(None, split='test', shuffle=False).as_numpy_iterator())
   assert ex['inputs_pretokenized'].decode().startswith('question: বাংলাদেশের রাজধানী')
@@ -249,7 +249,7 @@ def test_seqio_task_tokenizes_and_carries_metrics():
 def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
   """A seqio.Evaluator runs the task's own postprocess and metric fns: the numbers `fiat evaluate`
   (evaluation.evaluate's definition.score over τ's postprocessed outputs) and `fiat score` give."""
-  data.use(data.TaskData(XOR, vocabulary=VOCAB))
+  pipeline.use(pipeline.TaskData(XOR, vocabulary=VOCAB))
   outputs, scores = ['Yes', 'no.', 'hmm'], [0.0, 1.0, 2.0]  # hmm: no label word, counted wrong
   evaluator = seqio.Evaluator('xor_attriqa_bn_finetune', seqio.DecoderFeatureConverter(pack=False), eval_split='test',
                               async_compute_metrics=False)
@@ -264,7 +264,7 @@ def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
                                                                      'auc_pr': pytest.approx(250 / 3)}
 
 
-@pytest.mark.parametrize('recipe', data.RECIPES)
+@pytest.mark.parametrize('recipe', pipeline.RECIPES)
 def test_tau_example_formats_as_the_task_does(tmp_path, recipe):
   """`fiat infer` / `fiat evaluate --reliance` format one example with experiment.tau_example: the task's exact
   inputs, also when the passage is cut (distilled CoT's '[label] ' prefix counts against inputs_length)."""
@@ -277,12 +277,12 @@ def test_tau_example_formats_as_the_task_does(tmp_path, recipe):
   assert tau_recipe.data_recipe == recipe
   lengths = {'fiat': 740, 'no_cot': 650, 'no_instruction': 255, 'finetune': 205, 'distilled_cot': 650}
   exp = experiment.Experiment(dataset='xor_attriqa', inputs_length=lengths[recipe])  # a few passages are cut
-  data.use(data.TaskData(XOR, store_dir, VOCAB, exp.inputs_length, rationale_field='raw'))
-  rows = data.eval_examples(f'xor_attriqa_{recipe}', 'test')
-  assert data.truncation_stats(f'xor_attriqa_{recipe}', 'test')['truncated'] == (5 if recipe == 'distilled_cot' else 4)
+  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB, exp.inputs_length, rationale_field='raw'))
+  rows = pipeline.eval_examples(f'xor_attriqa_{recipe}', 'test')
+  assert pipeline.truncation_stats(f'xor_attriqa_{recipe}', 'test')['truncated'] == (5 if recipe == 'distilled_cot' else 4)
   raw = [r['example'] for r in rows]
   stored = store.select(store_dir, 'xor_attriqa', raw).by_id(raw)
-  rationales = [stored[ex['id']]['raw'] if recipe in data.RATIONALE_INPUT_RECIPES else None for ex in raw]
+  rationales = [stored[ex['id']]['raw'] if recipe in pipeline.RATIONALE_INPUT_RECIPES else None for ex in raw]
   for row, ex, rationale in zip(rows, raw, rationales):
     mine = experiment.tau_example(exp, tau_recipe, VOCAB, ex, rationale)
     assert (mine['inputs_pretokenized'], mine['inputs']) == (row['inputs_pretokenized'], row['inputs'])

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax import decoding
-from fiat_jax import lora as lora_lib
-from fiat_jax import losses
-from fiat_jax import model as model_lib
-from fiat_jax import optim
-from fiat_jax import sharding
-from fiat_jax import train
+from fiat_jax.model import decoding
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.training import losses
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim
+from fiat_jax.model import sharding
+from fiat_jax.training import train
 import helpers
 
 VOCAB = 64

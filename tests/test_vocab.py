@@ -12,7 +12,7 @@ import sentencepiece
 import tensorflow as tf
 import tokenizers
 
-from fiat_jax import vocab
+from fiat_jax.model import vocab
 
 transformers = pytest.importorskip("transformers")
 

@@ -91,7 +91,7 @@ class LocalBeta:
     Args: steps (>= sampling.max_new_tokens) is how many tokens to decode before keeping the first max_new_tokens:
     a server passes a bucket so that nearby max_tokens values share one compiled program.
     """
-    from fiat_jax import decoding  # pylint: disable=g-import-not-at-top
+    from fiat_jax.model import decoding  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
     tokens = [self._encode(t) for t in texts]
@@ -144,9 +144,9 @@ def local_beta(checkpoint_dir: str = gin.REQUIRED, vocabulary=gin.REQUIRED,
   """A frozen Hugging Face checkpoint as beta, loaded straight into its shards on the (gin-configured) mesh;
   `expected` (a models/*.gin file's BETA_CONFIG) is the architecture the checkpoint must have."""
   import jax  # pylint: disable=g-import-not-at-top
-  from fiat_jax import hf  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import sharding  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
   if not checkpoint_dir:
     raise ValueError("local_beta.checkpoint_dir is not set: bind BETA_CHECKPOINT (a gin_configs/models/ β file)")
   if jax.process_count() > 1:
@@ -166,7 +166,7 @@ def tiny_local_beta(seed: int = 0, batch_size: int = 8, max_len: int | None = 20
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from fiat_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   vocab = seqio.ByteVocabulary()
   cfg = model_lib.tiny_config(vocab_size=vocab.vocab_size)
   params = nn.meta.unbox(model_lib.init_params(cfg, jax.random.PRNGKey(seed)))

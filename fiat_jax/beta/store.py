@@ -11,7 +11,7 @@ import os
 import time
 from typing import NamedTuple, Sequence
 
-from fiat_jax import readers
+from fiat_jax.data import readers
 from fiat_jax import run_files
 from fiat_jax.beta import prompts
 

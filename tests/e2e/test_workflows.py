@@ -11,7 +11,7 @@ import pytest
 
 from e2e.conftest import fiat
 from fiat_jax import experiment
-from fiat_jax import stacking
+from fiat_jax.model import stacking
 
 ROWS = {  # row file -> the models/ file binding its τ checkpoint, and which checkpoint
     'xs_fiat': ('models/gemma-2-2b-it.gin', 'tau_it'),

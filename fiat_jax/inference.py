@@ -10,10 +10,10 @@ import jax
 from fiat_jax import cli
 from fiat_jax import evaluation
 from fiat_jax import experiment
-from fiat_jax import model as model_lib
-from fiat_jax import readers
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.data import readers
 from fiat_jax.beta import backends
-from fiat_jax.beta import run as beta_run
+from fiat_jax.beta import rationales as beta_run
 from fiat_jax.beta import store
 import tasks
 

@@ -26,9 +26,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import sharding
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.model import sharding
 
 GiB = 2 ** 30
 
@@ -128,7 +128,7 @@ def run_seq_len() -> int:
 
 
 def _train_config():
-  from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   return train_lib.TrainConfig()
 
 
@@ -151,10 +151,10 @@ def plan(model: model_lib.Config | None = None, lora=None, train=None, seq_len: 
     data, fsdp, model_axis: mesh axis sizes (default: make_mesh's gin bindings, else data=-1).
     compile: also compile the train and decode steps for the activations (XLA temporaries).
   """
-  from fiat_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   if model is None:
-    from fiat_jax import hf  # pylint: disable=g-import-not-at-top
+    from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
     model = hf.model_config()
   tcfg = train if train is not None else _train_config()
   if seq_len is None:
@@ -272,8 +272,8 @@ def _with(shapes, shardings):
 
 def _compile_train(cfg, tcfg, tx, state, frozen, batch, state_sh, frozen_sh, batch_sh, mesh, rules) -> dict:
   """Memory analysis of the trainer's jitted step (state donated, as in training)."""
-  from fiat_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  from fiat_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   step = functools.partial(train_lib.train_step, model=model_lib.Transformer(cfg), tcfg=tcfg, tx=tx,
                            lr_fn=optim_lib.schedule(tcfg.optim, tcfg.num_steps))
   fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),

@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fiat_jax import attention
-from fiat_jax import lora as lora_lib
-from fiat_jax import ops
-from fiat_jax import stacking
+from fiat_jax.model import attention
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import ops
+from fiat_jax.model import stacking
 
 Array = jax.Array
 

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
 
 MESH_AXES = ("data", "fsdp", "model")
 

@@ -16,7 +16,7 @@ import seqio
 import tensorflow as tf
 
 from fiat_jax import config_check
-from fiat_jax import readers
+from fiat_jax.data import readers
 from fiat_jax.beta import store
 
 # Which ingredients each recipe's inputs carry (FIDELITY.md; Table 3 rows are combinations).
@@ -32,7 +32,8 @@ RATIONALE_HEADER = 'Reasoning (written by a larger model; it may be wrong):'
 TASK_IDS = {'label': 0, 'rationale': 1}
 # Which field of a store record becomes ŷ_β: the parsed reasoning, or β's whole output (reasoning and answer).
 RATIONALE_FIELDS = ('rationale', 'raw')
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tasks', 'prompts')
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'tasks',
+                           'prompts')
 SOURCES = ('files', 'tfds')
 # Text features every registered task yields next to inputs / targets.
 TEXT_FEATURES = ('id', 'language', 'kind', 'example')
@@ -55,7 +56,7 @@ def _definition(dataset: str):
   return _tasks().definition(dataset)
 
 
-@gin.configurable(module='fiat_jax.data')
+@gin.configurable(module='fiat_jax.data.pipeline')
 @dataclasses.dataclass(frozen=True)
 @config_check.typed
 class TaskData:
@@ -221,7 +222,7 @@ def render_inputs(dataset: str, recipe: str, example: dict, rationale: Optional[
 @functools.lru_cache(maxsize=None)
 def _raw_split(dataset: str, data_dir: str, source: str, split: str) -> list[dict]:
   if source == 'tfds':
-    from fiat_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+    from fiat_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.read_split_tfds(dataset, data_dir, split)
   return readers.read_split(dataset, data_dir, split)
 

@@ -15,19 +15,19 @@ import gin
 import jax
 import numpy as np
 
-from fiat_jax import batches as batches_lib
+from fiat_jax.training import batches as batches_lib
 from fiat_jax import cli
-from fiat_jax import data
-from fiat_jax import distributed
+from fiat_jax.data import pipeline
+from fiat_jax.training import distributed
 from fiat_jax import evaluation
 from fiat_jax import experiment
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import optim  # noqa: F401  (registers OptimConfig for the gin files)
-from fiat_jax import readers
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim  # noqa: F401  (registers OptimConfig for the gin files)
+from fiat_jax.data import readers
 from fiat_jax import run_files
-from fiat_jax import train
-from fiat_jax.beta import run as beta_run
+from fiat_jax.training import train
+from fiat_jax.beta import rationales as beta_run
 
 
 # ---- Algorithm 1 ---------------------------------------------------------------------------------------------
@@ -107,8 +107,8 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
   batches = lambda start: batches_lib.train_batches(task, 'train', lengths, rows, seed=exp.seed,
                                                     shard_index=jax.process_index(), num_shards=jax.process_count(),
                                                     start_step=start, bos_id=exp.bos_id)
-  val = _subsample(data.eval_examples(task, exp.eval_split), exp.max_eval_examples, exp.seed)
-  test = data.eval_examples(task, exp.test_split)
+  val = _subsample(pipeline.eval_examples(task, exp.eval_split), exp.max_eval_examples, exp.seed)
+  test = pipeline.eval_examples(task, exp.test_split)
   final = {}
 
   def final_eval(step, variables):
@@ -119,7 +119,7 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
     return evaluation.flat(out['result'])
 
   # config.gin is written once the settings are checked against the recorded ones (a refused resume keeps it).
-  res = train.train(tcfg, model_cfg, params, batches, data.fingerprint(task, 'train'), run_dir, base_path=path,
+  res = train.train(tcfg, model_cfg, params, batches, pipeline.fingerprint(task, 'train'), run_dir, base_path=path,
                     evaluate=evaluation.scores_fn(exp, model, vocab, val), final_eval=final_eval,
                     settings={'run': {'recipe': dataclasses.asdict(recipe), 'experiment': dataclasses.asdict(exp)}},
                     allow_changed_settings=allow_changed_settings,
@@ -137,7 +137,7 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
   return experiment.write_metrics(run_dir, exp, recipe, {
       'test': final['result'], 'best': res.best, 'steps': res.step, 'selected_step': res.selected_step,
       'task': task,
-      'truncation': dict(data.truncation_stats(task, exp.test_split), train_rationale_targets=(
+      'truncation': dict(pipeline.truncation_stats(task, exp.test_split), train_rationale_targets=(
           batches_lib.rationale_target_truncation(task, 'train', exp.targets_length))),
       'unparsed': final['unparsed']})
 

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 
 from fiat_jax import commands
-from fiat_jax import readers
+from fiat_jax.data import readers
 
 # XOR-AttriQA targets are label words; τ's AUC-PR score is logp(yes) - logp(no).
 POSITIVE_LABEL = 'yes'

@@ -30,15 +30,15 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fiat_jax import checkpoint
+from fiat_jax.training import checkpoint
 from fiat_jax import config_check
-from fiat_jax import losses
-from fiat_jax import lora as lora_lib
-from fiat_jax import model as model_lib
-from fiat_jax import optim as optim_lib
+from fiat_jax.training import losses
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim as optim_lib
 from fiat_jax import run_files
-from fiat_jax import sharding
-from fiat_jax import train_log
+from fiat_jax.model import sharding
+from fiat_jax.training import logs
 
 MODES = ("peft", "full")
 
@@ -349,7 +349,7 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
                             **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
   model = model_lib.Transformer(cfg)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  log = train_log.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)
+  log = logs.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)
   for notice in checkpoint.recover_partial(run_dir):
     log.text(notice)
   mgr = checkpoint.manager(run_dir, tcfg.keep, tcfg.best_mode)

@@ -2,7 +2,7 @@
 
 Both download the real release; for offline machines put the archive (or its
 extracted folder) in the manual directory:
-  tfds build xor_attriqa --imports=fiat_jax.tfds_builders --manual_dir=DIR
+  tfds build xor_attriqa --imports=fiat_jax.data.tfds_builders --manual_dir=DIR
 (or in Python, download_and_prepare(download_config=DownloadConfig(manual_dir=DIR))).
 """
 import json
@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fiat_jax import readers
+from fiat_jax.data import readers
 
 _CITATIONS = {
     'xor_attriqa': """@article{muller2023evaluating,
@@ -111,7 +111,7 @@ def read_split_tfds(dataset: str, tfds_data_dir: str, split: str,
   builder = BUILDERS[dataset](data_dir=tfds_data_dir)
   if not builder.is_prepared():
     raise readers.DataError(f'{tfds_data_dir}: {dataset} is not prepared; run '
-                            f'`tfds build {dataset} --imports=fiat_jax.tfds_builders '
+                            f'`tfds build {dataset} --imports=fiat_jax.data.tfds_builders '
                             f'--data_dir={tfds_data_dir}` first')
   keep = set(languages) if languages is not None else None
   examples = []

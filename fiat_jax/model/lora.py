@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiat_jax import config_check
-from fiat_jax import stacking
-from fiat_jax.ops import dense, lora_dense, low_rank
+from fiat_jax.model import stacking
+from fiat_jax.model.ops import dense, lora_dense, low_rank
 
 DENSE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBED_TARGETS = ("embed", "unembed")

@@ -88,7 +88,7 @@ def build_record(item: Item, comp: backends.Completion, task: str, beta: str, sa
 
 def read_examples(task: str, data_dir: str, splits, languages) -> dict[str, list[dict]]:
   """The run's splits plus train / validation / test for the exemplar checks."""
-  from fiat_jax import readers  # pylint: disable=g-import-not-at-top
+  from fiat_jax.data import readers  # pylint: disable=g-import-not-at-top
   return {split: readers.read_split(task, data_dir, split, languages)
           for split in dict.fromkeys(tuple(splits) + SPLITS)}
 
@@ -190,7 +190,7 @@ def icl_baseline(task: str = gin.REQUIRED, data_dir: str = gin.REQUIRED, store_d
       None: the store's records, which must then come from one beta and I_beta per language.
   Unparseable answers and examples without a stored rationale count as wrong; both counts are reported.
   """
-  from fiat_jax import readers  # pylint: disable=g-import-not-at-top
+  from fiat_jax.data import readers  # pylint: disable=g-import-not-at-top
   examples = readers.read_split(task, data_dir, split, languages)
   identity, texts = None, None
   if beta is not None:

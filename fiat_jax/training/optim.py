@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fiat_jax import config_check
-from fiat_jax import lora as lora_lib
+from fiat_jax.model import lora as lora_lib
 
 
 @gin.configurable

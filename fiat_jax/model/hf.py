@@ -10,9 +10,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from fiat_jax import model as model_lib
-from fiat_jax import sharding as sharding_lib
-from fiat_jax import stacking
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.model import sharding as sharding_lib
+from fiat_jax.model import stacking
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
              "Gemma3ForCausalLM")

@@ -23,7 +23,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 import jax.numpy as jnp
 import tokamax
 
-from fiat_jax import ops
+from fiat_jax.model import ops
 
 KERNELS = ("auto", "splash", "cudnn", "triton", "xla_chunked", "xla_attention", "fused", "reference")
 _NO_SOFTCAP = ("cudnn", "xla_attention")  # jax.nn.dot_product_attention has no logit soft-capping

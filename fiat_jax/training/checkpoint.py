@@ -65,7 +65,7 @@ def recover_partial(run_dir: str) -> list[str]:
                      f"{dest} and will not use it")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("fiat_jax.checkpoint.recover_partial")
+    multihost_utils.sync_global_devices("fiat_jax.training.checkpoint.recover_partial")
   return notices
 
 
@@ -128,7 +128,7 @@ def _move_aside(mgr: ocp.CheckpointManager, run_dir: str, step: int) -> str:
     shutil.move(src, dest)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"fiat_jax.checkpoint.move_aside.{step}")
+    multihost_utils.sync_global_devices(f"fiat_jax.training.checkpoint.move_aside.{step}")
   mgr.reload()
   return dest
 

@@ -1,0 +1,1 @@
+"""The model: the decoder, its kernels, LoRA, decoding, checkpoints in the Hugging Face format."""

@@ -1,0 +1,1 @@
+"""Training: the train state and step, the loop, optimizer, losses, batches, checkpoints, plans."""
