@@ -43,6 +43,9 @@ def parse_gin(argv: list[str], mode: str) -> argparse.Namespace:
 
   Every mistake (an unknown flag, a missing gin file, an unknown configurable or parameter, a value gin cannot
   parse, a required macro left unbound) is a UsageError naming it and the fix.
+
+  The configurables the gin files name must be registered first: `fiat` imports fiat_jax.configurables before a
+  gin mode starts (a script calling a mode's main does the same).
   """
   args, rest = commands.parser(mode).parse_known_args(argv)
   bindings = [a[len('--gin.'):] for a in rest if a.startswith('--gin.')]
@@ -52,8 +55,6 @@ def parse_gin(argv: list[str], mode: str) -> argparse.Namespace:
   setup_logging()
   gin.add_config_file_search_path(GIN_DIR)
   files = [resolve_gin_file(path) for path in args.gin_file]
-  # Every configurable any gin file may name must exist before gin parses, whichever mode this is.
-  from fiat_jax import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   try:
     gin.parse_config_files_and_bindings(files, bindings)
   except SyntaxError as e:  # gin's parser: the binding or file line it could not read
@@ -89,7 +90,20 @@ def _gin_error_line(e: ValueError) -> str:
     macro = first.split("'")[1].split('/')[0] if "'" in first else first
     return f'the gin macro {macro} is required and not bound: add --gin.{macro}=VALUE (or a gin file binding it)'
   where = [line.strip() for line in msg.splitlines()[1:] if line.strip()]
-  return first + _did_you_mean(first) + (f' ({"; ".join(where[:2])})' if where else '')
+  return (_set_by_run(first) or first + _did_you_mean(first)) + (f' ({"; ".join(where[:2])})' if where else '')
+
+
+def _set_by_run(message: str) -> str:
+  """For gin's "Configurable 'C' has denylisted kwarg 'p'": what sets C.p instead (C.SET_BY_RUN), or ''."""
+  match = re.match(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'", message)
+  if not match:
+    return ''
+  try:  # pylint: disable=protected-access
+    reasons = getattr(gin.config._REGISTRY.get_match(match.group(1)).wrapped, 'SET_BY_RUN', {})
+  except (AttributeError, TypeError, ValueError):
+    reasons = {}
+  why = reasons.get(match.group(2), 'the code sets it')
+  return f'{match.group(1)}.{match.group(2)} cannot be bound in gin: {why}; drop the binding'
 
 
 def _did_you_mean(message: str) -> str:

@@ -110,7 +110,7 @@ MODES = {
     'serve': Mode('fiat_jax.beta.serve:main', True, 'serves a local β checkpoint over an OpenAI-compatible HTTP API',
                   'fiat serve --gin_file=models/gemma-2-27b-it.gin --gin_file=beta/local.gin '
                   '--gin.BETA_CHECKPOINT="\'/ckpt/gemma-2-27b-it\'" --port=8000', _serve),
-    'score': Mode('fiat_jax.data.metrics:main', False, 'scores a predictions file against a released gold file '
+    'score': Mode('fiat_jax.data.scoring:main', False, 'scores a predictions file against a released gold file '
                   '(F1 / EM or accuracy / AUC-PR, per language, bootstrap intervals)',
                   'fiat score --task=xtreme_up_xqa --gold=/data/xtreme_up --predictions=answers.jsonl', _score,
                   gin=False),

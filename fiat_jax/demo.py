@@ -41,8 +41,9 @@ import seqio
 from fiat_jax.training import batches as batches_lib
 from fiat_jax import cli
 from fiat_jax import commands
-from fiat_jax.data import pipeline
+from fiat_jax.data import formatting
 from fiat_jax.model import decoding
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import evaluation
 from fiat_jax import experiment
 from fiat_jax.data import metrics
@@ -184,7 +185,7 @@ def build_world(out: str, scale: Scale, progress: Progress) -> dict:
   plain = [('', ex['context'] + ' ' + ex['question']) for ex in miniature.examples(len(instructions), seed=303)]
   sp_path = miniature.train_sentencepiece(
       os.path.join(world, 'sp'), miniature.tokenizer_lines(
-          [pipeline.load_i_tau('xtreme_up_xqa'), pipeline.RATIONALE_HEADER, cot[0][0]]))
+          [formatting.load_i_tau('xtreme_up_xqa'), formatting.RATIONALE_HEADER, cot[0][0]]))
   vocab = seqio.SentencePieceVocabulary(sp_path)
   size = -(-vocab.vocab_size // 128) * 128
 

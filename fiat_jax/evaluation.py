@@ -100,7 +100,7 @@ def evaluate_run(exp: experiment.Experiment, recipe: experiment.Recipe, split: s
   exp, cfg, variables, vocab = experiment.load_tau(exp, recipe)
   model = model_lib.Transformer(cfg)
   if rationales == 'stored':
-    examples = pipeline.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), split)
+    examples = pipeline.eval_examples(*experiment.task_data(exp, recipe, vocab), split)
   else:
     raw = readers.read_split(exp.dataset, exp.data_dir, split, exp.languages)
     stored = store.select(exp.store_dir or '', exp.dataset, raw).by_id(raw)

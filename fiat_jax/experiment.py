@@ -19,14 +19,14 @@ import seqio
 
 from fiat_jax import commands
 from fiat_jax import config_check
-from fiat_jax.data import pipeline
-from fiat_jax.model import hf  # noqa: F401  (registers hf's configurables before gin parses; local_beta and tau_model load through it)
-from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax import run_files
+from fiat_jax.data import formatting
+from fiat_jax.data import pipeline
+from fiat_jax.model import hf
+from fiat_jax.model import lora as lora_lib
 from fiat_jax.model import stacking
+from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import vocab as vocab_lib
-import tasks
 
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
 TAU_CONFIG_FILE = 'tau.json'  # the adapter config, base and selected step of TRAINABLE_FILE
@@ -50,22 +50,19 @@ class Recipe:
   rationale_field: str = 'rationale'  # ŷ_β = the store record's parsed reasoning | raw: β's whole output
 
   def __post_init__(self):
-    if self.rationale_field not in pipeline.RATIONALE_FIELDS:
-      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {pipeline.RATIONALE_FIELDS}')
+    if self.rationale_field not in formatting.RATIONALE_FIELDS:
+      raise ValueError(f'Recipe.rationale_field: {self.rationale_field!r} is not one of {formatting.RATIONALE_FIELDS}')
     if self.method not in ('tau', 'icl'):
       raise ValueError(f'Recipe.method: {self.method!r} is not tau or icl')
     if self.rationale not in ('input', 'none', 'distilled'):
       raise ValueError(f'Recipe.rationale: {self.rationale!r} is not input, none or distilled')
     if self.rationale == 'distilled' and not self.instruction:
-      raise ValueError('Recipe: rationale=distilled needs instruction=True (pipeline.py formats it with I_tau)')
+      raise ValueError('Recipe: rationale=distilled needs instruction=True (formatting.py formats it with I_tau)')
 
   @property
   def data_recipe(self) -> str:
-    """The suffix of the seqio tasks (`import tasks`) that format these ingredients."""
-    if self.rationale == 'distilled':
-      return 'distilled_cot'
-    return {('input', True): 'fiat', ('none', True): 'no_cot', ('input', False): 'no_instruction',
-            ('none', False): 'finetune'}[(self.rationale, self.instruction)]
+    """The data recipe (formatting.RECIPES: what τ's inputs carry) of these ingredients."""
+    return formatting.data_recipe(self.rationale, self.instruction)
 
 
 @gin.configurable
@@ -181,26 +178,19 @@ class Beta:
   exemplars_file: Optional[str] = None
 
 
-# ---- τ's inputs: [I_τ ; x ; ŷ_β], as the recipe's seqio task or one example at a time ------------------------
+# ---- τ's inputs: [I_τ ; x ; ŷ_β], as the recipe's seqio tasks (data/pipeline.py) or one example at a time ------
 
-def format_with_i_tau(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) -> str:
-  """Points the seqio tasks that format [I_τ ; x ; ŷ_β] -> y (`import tasks`) at the run's release, store, τ
-  vocabulary and inputs length; returns the recipe's mixture name."""
+def task_data(exp: Experiment, recipe: Recipe, vocab: seqio.Vocabulary) -> tuple[pipeline.TaskData, str]:
+  """Where the run's seqio tasks read (release, store, τ vocabulary, inputs length) and its mixture's name."""
   exp.require('dataset', 'mixture', 'data_dir')
-  pipeline.use(pipeline.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
-                         exp.inputs_length, exp.languages, rationale_field=recipe.rationale_field))
-  return f'{exp.mixture}_{recipe.data_recipe}'
+  td = pipeline.TaskData(exp.data_dir, exp.store_dir if recipe.rationale != 'none' else None, vocab,
+                         exp.inputs_length, exp.languages, rationale_field=recipe.rationale_field)
+  return td, f'{exp.mixture}_{recipe.data_recipe}'
 
 
 def tau_example(exp: Experiment, recipe: Recipe, vocab, example: dict, rationale: Optional[str]) -> dict:
-  """One canonical example formatted for τ as pipeline.py does ([I_τ ; x ; ŷ_β], passage cut to fit)."""
-  definition = tasks.definition(exp.dataset)
-  i_tau = pipeline.load_i_tau(exp.dataset) if recipe.instruction else None
-  text, _ = pipeline.render_inputs(exp.dataset, recipe.data_recipe, example, rationale, vocab, exp.inputs_length,
-                               f'example {example["id"]}', i_tau=i_tau)
-  target = definition.target(example) if ('label' in example or 'target' in example) else None
-  return {'id': example['id'], 'language': example['language'], 'inputs': vocab.encode(text),
-          'inputs_pretokenized': text, 'targets_pretokenized': target, 'example': example}
+  """One canonical example formatted for τ as the run's seqio tasks format it ([I_τ ; x ; ŷ_β], passage cut)."""
+  return formatting.tau_example(exp.dataset, recipe.data_recipe, vocab, exp.inputs_length, example, rationale)
 
 
 # ---- Run directory files -------------------------------------------------------------------------------------
@@ -361,10 +351,10 @@ def load_tau(exp: Experiment, recipe: Recipe):
   if exp.bos_id is None:
     exp = dataclasses.replace(exp, bos_id=saved['bos_id'])
   if stacking.is_scanned(trained) != cfg.scan_layers:
-    raise commands.UsageError(f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
-                     f'{"stacked on layers" if stacking.is_scanned(trained) else "per layer"}), but τ is loaded with '
-                     f'tau_model.scan_layers={cfg.scan_layers}: bind --gin.tau_model.scan_layers='
-                     f'{stacking.is_scanned(trained)}')
+    raise commands.UsageError(
+        f'{path}: the run trained with scan_layers={stacking.is_scanned(trained)} (its tensors are '
+        f'{"stacked on layers" if stacking.is_scanned(trained) else "per layer"}), but τ is loaded with '
+        f'tau_model.scan_layers={cfg.scan_layers}: bind --gin.tau_model.scan_layers={stacking.is_scanned(trained)}')
   try:
     lines = tau_mismatches(saved, record, trained, cfg, params)
   except (TypeError, ValueError) as e:  # a field LoraConfig refuses (unknown variant, rank 0, an unknown field)

@@ -32,12 +32,14 @@ def _run_mode(mode: str, rest: list[str]) -> int:
   spec = MODES[mode]
   start = time.time()
   if spec.distributed:
-    from fiat_jax import cli  # pylint: disable=g-import-not-at-top
-    from fiat_jax.training import distributed
+    from fiat_jax import cli  # pylint: disable=g-import-not-at-top  (JAX: not for `fiat --help`)
+    from fiat_jax.training import distributed  # pylint: disable=g-import-not-at-top
     cli.setup_logging()
     settings, rest = distributed.pop_flags(rest)
     distributed.initialize(settings)  # once, before any JAX computation; logs this process's place
     distributed.quiet_non_writers()
+  if spec.gin:  # every configurable a gin file may name, whichever mode reads it
+    from fiat_jax import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   module, func = spec.target.split(':')
   code = int(getattr(importlib.import_module(module), func)(rest) or 0)
   if spec.distributed:

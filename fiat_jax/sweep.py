@@ -18,6 +18,7 @@ import gin
 
 from fiat_jax import cli
 from fiat_jax import commands
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import experiment
 from fiat_jax import tuning
 

@@ -1,8 +1,8 @@
-"""`fiat train`: Algorithm 1 (building), in `build`: generate_rationales (β, stored once) -> format_with_i_tau (the
-seqio task of the recipe, experiment.py) -> train.train (the gradient w.r.t. the PEFT parameters only) -> merge
-when τ is exported. `fiat evaluate` is in evaluation.py; Algorithm 2 (inference, `fiat infer`) in infer.py: β's
-rationale (from the store, else from the backend) -> τ's inputs -> greedy decoding with the merged θ'_τ -> answer
-and score.
+"""`fiat train`: Algorithm 1 (model building), in `build`: generate_rationales (β, stored once) -> τ's inputs
+formatted with I_τ (the recipe's seqio tasks: experiment.task_data, data/pipeline.py) -> train.train (the gradient
+w.r.t. the PEFT parameters only) -> merge when τ is exported. `fiat evaluate` is in evaluation.py; Algorithm 2
+(inference, `fiat infer`) in inference.py: β's rationale (from the store, else from the backend) -> τ's inputs ->
+greedy decoding with the merged θ'_τ -> answer and score.
 """
 import contextlib
 import dataclasses
@@ -23,7 +23,6 @@ from fiat_jax import evaluation
 from fiat_jax import experiment
 from fiat_jax.model import lora as lora_lib
 from fiat_jax.model import transformer as model_lib
-from fiat_jax.training import optim  # noqa: F401  (registers OptimConfig for the gin files)
 from fiat_jax.data import readers
 from fiat_jax import run_files
 from fiat_jax.training import train
@@ -68,6 +67,19 @@ def _subsample(examples: list[dict], per_language: Optional[int], seed: int) -> 
   return [ex for ex in examples if id(ex) in keep]
 
 
+def _run_train_config(tcfg: train.TrainConfig, recipe: experiment.Recipe, exp: experiment.Experiment):
+  """tcfg with what the run sets (TrainConfig.SET_BY_RUN): its mode from Recipe.peft, its seed from Experiment.seed.
+  A caller's TrainConfig that sets either to something else is an error naming it, not silently replaced."""
+  derived = {'mode': 'peft' if recipe.peft else 'full', 'seed': exp.seed}
+  defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+  for field, value in derived.items():
+    given = getattr(tcfg, field)
+    if given != defaults[field] and given != value:
+      raise ValueError(f'TrainConfig.{field}={given!r} contradicts the run, which sets {value!r} '
+                       f'({train.TrainConfig.SET_BY_RUN[field]})')
+  return dataclasses.replace(tcfg, **derived)
+
+
 @gin.configurable(denylist=['exp', 'recipe', 'allow_changed_settings'])
 def build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: Optional[experiment.Beta] = None,
           tcfg=None, allow_changed_settings: bool = False) -> dict:
@@ -97,18 +109,17 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
     generate_rationales(exp, beta, readers.SPLITS)
   cfg, params, vocab, path = experiment.tau_model(use_base=not recipe.instruction_tuned_base)
   exp = experiment.resolve_bos(exp, path)
-  task = experiment.format_with_i_tau(exp, recipe, vocab)
-  tcfg = tcfg or train.TrainConfig()
-  tcfg = dataclasses.replace(tcfg, mode='peft' if recipe.peft else 'full', seed=exp.seed)
+  td, task = experiment.task_data(exp, recipe, vocab)
+  tcfg = _run_train_config(tcfg or train.TrainConfig(), recipe, exp)
   model_cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig() if recipe.peft else None)  # gin: LoraConfig.*
   model = model_lib.Transformer(model_cfg)
   lengths = {'inputs': exp.inputs_length, 'targets': exp.targets_length}
   rows = tcfg.batch_size // jax.process_count()
-  batches = lambda start: batches_lib.train_batches(task, 'train', lengths, rows, seed=exp.seed,
+  batches = lambda start: batches_lib.train_batches(td, task, 'train', lengths, rows, seed=exp.seed,
                                                     shard_index=jax.process_index(), num_shards=jax.process_count(),
                                                     start_step=start, bos_id=exp.bos_id)
-  val = _subsample(pipeline.eval_examples(task, exp.eval_split), exp.max_eval_examples, exp.seed)
-  test = pipeline.eval_examples(task, exp.test_split)
+  val = _subsample(pipeline.eval_examples(td, task, exp.eval_split), exp.max_eval_examples, exp.seed)
+  test = pipeline.eval_examples(td, task, exp.test_split)
   final = {}
 
   def final_eval(step, variables):
@@ -119,7 +130,7 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
     return evaluation.flat(out['result'])
 
   # config.gin is written once the settings are checked against the recorded ones (a refused resume keeps it).
-  res = train.train(tcfg, model_cfg, params, batches, pipeline.fingerprint(task, 'train'), run_dir, base_path=path,
+  res = train.train(tcfg, model_cfg, params, batches, pipeline.fingerprint(td, task, 'train'), run_dir, base_path=path,
                     evaluate=evaluation.scores_fn(exp, model, vocab, val), final_eval=final_eval,
                     settings={'run': {'recipe': dataclasses.asdict(recipe), 'experiment': dataclasses.asdict(exp)}},
                     allow_changed_settings=allow_changed_settings,
@@ -137,8 +148,8 @@ def _build(exp: experiment.Experiment, recipe: experiment.Recipe, beta: experime
   return experiment.write_metrics(run_dir, exp, recipe, {
       'test': final['result'], 'best': res.best, 'steps': res.step, 'selected_step': res.selected_step,
       'task': task,
-      'truncation': dict(pipeline.truncation_stats(task, exp.test_split), train_rationale_targets=(
-          batches_lib.rationale_target_truncation(task, 'train', exp.targets_length))),
+      'truncation': dict(pipeline.truncation_stats(td, task, exp.test_split), train_rationale_targets=(
+          batches_lib.rationale_target_truncation(td, task, 'train', exp.targets_length))),
       'unparsed': final['unparsed']})
 
 

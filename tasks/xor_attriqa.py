@@ -1,13 +1,12 @@
 """XOR-AttriQA (in-language): is the candidate answer attributable to the passage? Targets "yes"/"no".
 
 The one home of the data set's facts: fields, I_τ cue, label words, languages and mixtures, target, β's answers,
-scoring and headline. Tasks xor_attriqa_{lang}_{recipe} and the mixture xor_attriqa_{recipe} are registered by
-`import tasks`.
+scoring and headline. Its seqio tasks xor_attriqa_{lang}_{recipe} and the mixture xor_attriqa_{recipe} are
+fiat_jax/data/pipeline.py's.
 """
 import re
 from typing import Optional, Sequence
 
-from fiat_jax.data import pipeline
 from fiat_jax.data import metrics
 from fiat_jax.data import readers
 
@@ -38,7 +37,7 @@ def postprocess(output: str, example=None, is_target: bool = False):
   """Decoded text -> label word (first word, lower-cased; anything else stays as is: wrong); a seqio target -> its
   canonical example (metric_fn needs its label and language)."""
   if is_target and example is not None:
-    return pipeline.canonical_example(example)
+    return readers.canonical_example(example)
   words = output.strip().lower().split()
   return words[0].strip('.,:;!"\'') if words else ''
 

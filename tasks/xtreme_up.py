@@ -2,12 +2,11 @@
 
 The one home of the data set's facts: fields, I_τ cue, languages and mixtures, target, β's answers, scoring and
 headline. Tasks xtreme_up_xqa_{lang}_{recipe}, mixtures xtreme_up_xqa_indic_{recipe} (20 Indic languages) and
-xtreme_up_xqa_full_{recipe} (all languages) are registered by `import tasks`.
+xtreme_up_xqa_full_{recipe} (all languages) are fiat_jax/data/pipeline.py's.
 """
 import re
 from typing import Optional, Sequence
 
-from fiat_jax.data import pipeline
 from fiat_jax.data import metrics
 from fiat_jax.data import readers
 
@@ -34,7 +33,7 @@ def target(example: dict) -> str:
 def postprocess(output: str, example=None, is_target: bool = False):
   """Decoded text -> the answer, stripped; a seqio target -> its canonical example (metric_fn needs its language)."""
   if is_target and example is not None:
-    return pipeline.canonical_example(example)
+    return readers.canonical_example(example)
   return output.strip()
 
 

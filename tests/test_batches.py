@@ -7,6 +7,7 @@ import pytest
 import seqio
 
 from fiat_jax.training import batches
+from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.data import readers
 
@@ -15,18 +16,18 @@ VOCAB = seqio.ByteVocabulary()
 LENGTHS = {'inputs': 256, 'targets': 40}
 
 
-def _register(data_dir=XQA, inputs_length=None):
-  pipeline.use(pipeline.TaskData(data_dir, vocabulary=VOCAB, inputs_length=inputs_length))
+def _task_data(data_dir=XQA, inputs_length=None):
+  return pipeline.TaskData(data_dir, vocabulary=VOCAB, inputs_length=inputs_length)
 
 
-def _example_tokens(name, split, index):
-  ex = pipeline.tokenized(name, split)[index]
+def _example_tokens(td, name, split, index):
+  ex = pipeline.tokenized(td, name, split)[index]
   return np.concatenate([ex['inputs'], ex['targets']])
 
 
 def test_batches_are_prefix_lm_features_in_shuffled_order():
-  _register()
-  it = batches.train_batches('xtreme_up_xqa_full_finetune', 'train', LENGTHS, 4, seed=7)
+  td = _task_data()
+  it = batches.train_batches(td, 'xtreme_up_xqa_full_plain', 'train', LENGTHS, 4, seed=7)
   steps = [next(it) for _ in range(6)]
   assert set(steps[0]) == {'decoder_input_tokens', 'decoder_target_tokens',
                            'decoder_loss_weights', 'decoder_causal_attention'}
@@ -35,12 +36,12 @@ def test_batches_are_prefix_lm_features_in_shuffled_order():
   for batch in steps:  # 24 rows: more than one epoch of 17 examples.
     for row in range(4):
       index = next(order)
-      tokens = _example_tokens('xtreme_up_xqa_full_finetune', 'train', index)
-      n_in = len(pipeline.tokenized('xtreme_up_xqa_full_finetune', 'train')[index]['inputs'])
+      tokens = _example_tokens(td, 'xtreme_up_xqa_full_plain', 'train', index)
+      n_in = len(pipeline.tokenized(td, 'xtreme_up_xqa_full_plain', 'train')[index]['inputs'])
       np.testing.assert_array_equal(batch['decoder_target_tokens'][row, :len(tokens)], tokens)
       assert batch['decoder_loss_weights'][row].sum() == len(tokens) - n_in  # Loss on targets only.
       assert batch['decoder_causal_attention'][row, :n_in].all()  # Bidirectional over inputs.
-  again = batches.train_batches('xtreme_up_xqa_full_finetune', 'train', LENGTHS, 4, seed=7)
+  again = batches.train_batches(td, 'xtreme_up_xqa_full_plain', 'train', LENGTHS, 4, seed=7)
   for batch in steps:
     np.testing.assert_array_equal(next(again)['decoder_target_tokens'], batch['decoder_target_tokens'])
 
@@ -54,12 +55,12 @@ def test_epochs_reshuffle_shards_are_disjoint_and_resume_is_exact():
   host1 = [i for _, i in zip(range(3), batches._local_order(7, 1, 1, 2, 0))]
   assert sorted(host0 + host1) == list(range(7))  # One epoch split over two hosts.
   assert host0 + host1 != epoch0 and [host0[0], host1[0], host0[1]] == epoch0[:3]
-  _register()
+  td = _task_data()
   for pack, lengths in ((False, LENGTHS), (True, {'inputs': 512, 'targets': 64})):
     kw = dict(seed=3, pack=pack, shard_index=1, num_shards=2)
-    fresh = batches.train_batches('xtreme_up_xqa_indic_finetune', 'train', lengths, 2, **kw)
+    fresh = batches.train_batches(td, 'xtreme_up_xqa_indic_plain', 'train', lengths, 2, **kw)
     expected = [next(fresh) for _ in range(5)][3:]
-    resumed = batches.train_batches('xtreme_up_xqa_indic_finetune', 'train', lengths, 2, start_step=3, **kw)
+    resumed = batches.train_batches(td, 'xtreme_up_xqa_indic_plain', 'train', lengths, 2, start_step=3, **kw)
     for batch in expected:
       got = next(resumed)
       assert set(got) == set(batch)
@@ -69,13 +70,13 @@ def test_epochs_reshuffle_shards_are_disjoint_and_resume_is_exact():
       assert {'decoder_segment_ids', 'decoder_positions'} <= set(batch)
       assert batch['decoder_segment_ids'].max() >= 2  # Several examples share a row.
   with pytest.raises(ValueError, match=r'shard_index=2 not in \[0, num_shards=2\)'):
-    batches.train_batches('xtreme_up_xqa_indic_finetune', 'train', LENGTHS, 2, seed=0, shard_index=2, num_shards=2)
+    batches.train_batches(td, 'xtreme_up_xqa_indic_plain', 'train', LENGTHS, 2, seed=0, shard_index=2, num_shards=2)
 
 
 def test_too_long_examples_are_an_error_not_a_silent_trim():
-  _register()
+  td = _task_data()
   with pytest.raises(readers.DataError, match=r'7 examples longer than feature_lengths') as e:
-    batches.train_batches('xtreme_up_xqa_indic_finetune', 'train', {'inputs': 50, 'targets': 40}, 2, seed=0)
+    batches.train_batches(td, 'xtreme_up_xqa_indic_plain', 'train', {'inputs': 50, 'targets': 40}, 2, seed=0)
   assert 'set TaskData.inputs_length' in str(e.value)
 
 
@@ -88,7 +89,7 @@ def test_rationale_targets_are_cut_and_counted_and_rows_carry_their_task():
   order = [next(o) for o in [batches._local_order(3, 0, 0, 1, 0)] for _ in range(3)]
   for row, i in enumerate(order):
     ex = examples[i]
-    assert (batch['decoder_task_ids'][row] == pipeline.TASK_IDS[ex['kind']]).all()
+    assert (batch['decoder_task_ids'][row] == formatting.TASK_IDS[ex['kind']]).all()
     kept = ex['targets'][:6]  # the 21-token rationale keeps its first 6 tokens (no EOS: it goes on)
     n_in = len(ex['inputs'])
     np.testing.assert_array_equal(batch['decoder_target_tokens'][row, n_in:n_in + len(kept)], kept)
@@ -110,16 +111,16 @@ def test_batches_of_a_distilled_task_follow_the_stream_order(tmp_path):
   replies = store_helpers.replies_by_id('xtreme_up_xqa', XQA, lambda ex: 'R' * 50 + '\nAnswer: ' + ex['target'])
   store_helpers.write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, store_helpers.ScriptedBeta(replies=replies),
                             splits=('train',))  # `fiat rationales`, β writing a 50-byte rationale
-  pipeline.use(pipeline.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi']))
+  td = pipeline.TaskData(XQA, str(tmp_path / 'store'), VOCAB, languages=['hi'])
   name = 'xtreme_up_xqa_hi_distilled_cot'
-  tokenized = pipeline.tokenized(name, 'train')
+  tokenized = pipeline.tokenized(td, name, 'train')
   assert [ex['kind'] for ex in tokenized] == ['label', 'rationale'] * 3
-  it = batches.train_batches(name, 'train', {'inputs': 1024, 'targets': 32}, 2, seed=4, start_step=1)
+  it = batches.train_batches(td, name, 'train', {'inputs': 1024, 'targets': 32}, 2, seed=4, start_step=1)
   order = batches._local_order(6, 4, 0, 1, 2)
   for batch in (next(it), next(it)):
     for row in range(2):
       ex = tokenized[next(order)]
-      assert batch['decoder_task_ids'][row, 0] == pipeline.TASK_IDS[ex['kind']]
+      assert batch['decoder_task_ids'][row, 0] == formatting.TASK_IDS[ex['kind']]
       assert batch['decoder_loss_weights'][row].sum() == min(len(ex['targets']), 32)
-  assert batches.rationale_target_truncation(name, 'train', 32) == {'rationale_targets': 3, 'truncated': 3,
+  assert batches.rationale_target_truncation(td, name, 'train', 32) == {'rationale_targets': 3, 'truncated': 3,
                                                                      'mean_tokens_cut': 19.0}  # 50 + EOS - 32

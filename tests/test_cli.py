@@ -6,6 +6,7 @@ import os
 import pytest
 
 from fiat_jax import commands
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import main
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')

@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from fiat_jax import cli
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import experiment
 
 MODELS = sorted(glob.glob(os.path.join(cli.GIN_DIR, 'models', '*.gin')))

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from fiat_jax.data import metrics
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
+from fiat_jax.data import scoring
 from fiat_jax.data import readers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
@@ -97,7 +98,7 @@ def test_infer_inputs_with_a_null_id_are_refused(tmp_path):
 
 def _score(capsys, task, gold, rows, tmp_path, *extra):
   preds = _write(tmp_path / 'p.jsonl', [json.dumps(r, ensure_ascii=False) for r in rows])
-  code = metrics.main(['--task', task, '--gold', gold, '--predictions', preds, '--bootstrap', '5', *extra])
+  code = scoring.main(['--task', task, '--gold', gold, '--predictions', preds, '--bootstrap', '5', *extra])
   out, err = capsys.readouterr()
   return code, (json.loads(out) if code == 0 else err)
 
@@ -145,7 +146,7 @@ def test_score_accepts_the_gold_files_own_label_strings(tmp_path, capsys):
 
 def test_score_names_the_line_of_bytes_that_are_not_utf8(tmp_path, capsys):
   preds = _write(tmp_path / 'p.jsonl', [b'{"prediction": "yes"}', b'{"prediction": "\xff"}', b'{"prediction": "no"}'])
-  assert metrics.main(['--task', 'xor_attriqa', '--gold', XOR_TEST, '--predictions', preds]) == 1
+  assert scoring.main(['--task', 'xor_attriqa', '--gold', XOR_TEST, '--predictions', preds]) == 1
   assert 'p.jsonl:2: not UTF-8 (byte 0xff is byte 17 of the line)' in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from fiat_jax import cli
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import experiment
 from fiat_jax import inference
 from fiat_jax.data import readers

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from fiat_jax.data import metrics
+from fiat_jax.data import scoring
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 
@@ -108,14 +109,14 @@ def test_fiat_score_xtreme_up(tmp_path, capsys):
                                               ['No Answer', 'Shah Jahan', 'new delhi', 'No Answer', 'Guwahati']])
   argv = ['--task', 'xtreme_up_xqa', '--gold', gold, '--predictions', preds, '--languages', 'hi,as',
           '--bootstrap', '20']
-  assert metrics.main(argv) == 0
+  assert scoring.main(argv) == 0
   out = json.loads(capsys.readouterr().out)
   assert out['per_language']['hi']['f1'] == pytest.approx((1 + 2 / 3 + 1) / 3 * 100)
   assert out['per_language']['hi']['em'] == pytest.approx(200 / 3)
   assert out['per_language']['as'] == {'f1': 50.0, 'em': 50.0, 'n': 2}
   assert out['headline']['value'] == 50.0 and out['headline']['languages'] == ['as']
   short = _write_jsonl(tmp_path / 'short.jsonl', [{'prediction': 'x'}])
-  assert metrics.main(argv[:5] + [short] + argv[6:]) == 1
+  assert scoring.main(argv[:5] + [short] + argv[6:]) == 1
   assert '1 predictions but 5 gold examples' in capsys.readouterr().err
 
 
@@ -124,16 +125,16 @@ def test_fiat_score_xor_attriqa(tmp_path, capsys):
   rows = [{'prediction': 'yes', 'score': 1.5}, {'prediction': 'No', 'score': -0.5},
           {'prediction': 'no', 'score': 0.2}]
   argv = ['--task', 'xor_attriqa', '--gold', gold, '--bootstrap', '20', '--predictions']
-  assert metrics.main(argv + [_write_jsonl(tmp_path / 'a.jsonl', rows)]) == 0
+  assert scoring.main(argv + [_write_jsonl(tmp_path / 'a.jsonl', rows)]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out['overall'] == {'accuracy': pytest.approx(200 / 3), 'auc_pr': 100.0}
   assert out['per_language']['ja']['n'] == 3
   no_scores = [{'prediction': r['prediction']} for r in rows]
-  assert metrics.main(argv + [_write_jsonl(tmp_path / 'b.jsonl', no_scores)]) == 0
+  assert scoring.main(argv + [_write_jsonl(tmp_path / 'b.jsonl', no_scores)]) == 0
   out = json.loads(capsys.readouterr().out)
   assert 'auc_pr' not in out['overall'] and out['headline']['auc_pr_mean_over_languages'] is None
-  assert metrics.main(argv + [_write_jsonl(tmp_path / 'c.jsonl', rows[:2] + no_scores[2:])]) == 1
+  assert scoring.main(argv + [_write_jsonl(tmp_path / 'c.jsonl', rows[:2] + no_scores[2:])]) == 1
   assert "c.jsonl:3: field 'score': missing" in capsys.readouterr().err
   bad = rows[:2] + [{'prediction': 'maybe', 'score': 0.0}]
-  assert metrics.main(argv + [_write_jsonl(tmp_path / 'd.jsonl', bad)]) == 1
+  assert scoring.main(argv + [_write_jsonl(tmp_path / 'd.jsonl', bad)]) == 1
   assert "d.jsonl:3: field 'prediction'" in capsys.readouterr().err

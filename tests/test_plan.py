@@ -4,6 +4,7 @@ import json
 import gin
 import pytest
 
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import plan
 from fiat_jax.training import train

@@ -20,10 +20,10 @@ XQA = os.path.join(TESTDATA, 'xtreme_up')
 MACROS = ["DATA_DIR='{data}'", "RUNS_DIR='{runs}'", "STORE_DIR='{store}'", "BETA_URL='http://127.0.0.1:1/v1'",
           "BETA_MODEL='big'", 'PEFT_LR=1e-3', 'FULL_LR=1e-4', 'RATIONALE_LENGTH=128']
 # Table 3's rows switch ingredients off cumulatively (FIDELITY.md): (data recipe, peft, instruction-tuned base).
-EXPECTED = {'fiat': ('fiat', True, True), 'wo_cot': ('no_cot', True, True), 'wo_instruction': ('finetune', True, True),
-            'wo_peft': ('finetune', False, True), 'wo_it_base': ('finetune', False, False),
-            'finetune': ('finetune', False, False), 'distilled_cot': ('distilled_cot', True, True),
-            'plain_wo_cot': ('no_cot', True, False), 'plain_wo_instruction': ('finetune', True, False)}
+EXPECTED = {'fiat': ('instruction_rationale', True, True), 'wo_cot': ('instruction', True, True),
+            'wo_instruction': ('plain', True, True), 'wo_peft': ('plain', False, True), 'wo_it_base': ('plain', False, False),
+            'finetune': ('plain', False, False), 'distilled_cot': ('distilled_cot', True, True),
+            'plain_wo_cot': ('instruction', True, False), 'plain_wo_instruction': ('plain', True, False)}
 
 
 def write_store(store_dir, dataset, data_dir, rationale=None, raw=None):
@@ -231,7 +231,7 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
     parse(['runs/xor_attriqa/xs_fiat.gin', 'tiny.gin'], tmp_path, extra=[f"Recipe.rationale_field = '{field}'"])
     exp, recipe = experiment.Experiment(), experiment.Recipe()
     _, _, vocab, _ = experiment.tau_model()
-    rows = pipeline.eval_examples(experiment.format_with_i_tau(exp, recipe, vocab), 'test')
+    rows = pipeline.eval_examples(*experiment.task_data(exp, recipe, vocab), 'test')
     texts[field] = {r['id']: r['inputs_pretokenized'] for r in rows}
     os.makedirs(exp.run_dir, exist_ok=True)
     experiment.write_provenance(exp.run_dir)

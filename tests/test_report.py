@@ -4,6 +4,7 @@ import json
 import os
 
 from fiat_jax.data import metrics
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import report
 
 LANGS = ['as', 'hi', 'mr', 'as', 'hi', 'mr', 'as', 'mr']

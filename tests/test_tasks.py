@@ -1,4 +1,4 @@
-"""seqio task registration: names, mixtures, I_tau formats per recipe, rationale attachment."""
+"""The seqio tasks: names, mixtures, registration, I_tau formats per data recipe, rationale attachment."""
 import json
 import os
 import re
@@ -7,6 +7,7 @@ import gin
 import pytest
 import seqio
 
+from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.data import readers
 from fiat_jax.beta import store
@@ -27,64 +28,74 @@ def write_store(store_dir, dataset, data_dir, splits=readers.SPLITS, replies=Non
   return store_helpers.write_store(store_dir, dataset, data_dir, beta, splits, **kw)
 
 
-def test_import_registers_every_task_and_mixture_read_at_dataset_time():
+def test_every_task_and_mixture_is_named_and_registers_for_a_task_data():
   assert tasks.definition('xor_attriqa') is xor_attriqa
-  assert len(tasks.NAMES) == (5 + 1) * 5 + (27 + 2) * 5  # languages + mixtures, times the 5 recipes
-  assert {'xor_attriqa_bn_fiat', 'xor_attriqa_fiat', 'xtreme_up_xqa_ur_distilled_cot',
-          'xtreme_up_xqa_indic_no_cot', 'xtreme_up_xqa_full_finetune'} <= set(tasks.NAMES)
-  indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_finetune')
+  assert len(pipeline.NAMES) == (5 + 1) * 5 + (27 + 2) * 5  # languages + mixtures, times the 5 data recipes
+  assert {'xor_attriqa_bn_instruction_rationale', 'xor_attriqa_instruction_rationale', 'xtreme_up_xqa_ur_distilled_cot',
+          'xtreme_up_xqa_indic_instruction', 'xtreme_up_xqa_full_plain'} <= set(pipeline.NAMES)
+  td = pipeline.TaskData(XQA, vocabulary=VOCAB)
+  assert pipeline.register(td) == list(pipeline.NAMES)
+  indic = seqio.get_mixture_or_task('xtreme_up_xqa_indic_plain')
   assert len(indic.tasks) == 20
-  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB))
-  assert pipeline.task_names('xtreme_up_xqa_indic_finetune') == [f'xtreme_up_xqa_{lang}_finetune'
+  assert pipeline.task_names(td, 'xtreme_up_xqa_indic_plain') == [f'xtreme_up_xqa_{lang}_plain'
                                                              for lang in ('as', 'hi', 'mr')]
-  assert len(pipeline.task_names('xtreme_up_xqa_full_finetune')) == 8  # the languages the release's train split has
+  assert len(pipeline.task_names(td, 'xtreme_up_xqa_full_plain')) == 8  # the languages the release's train split has
   # Examples-proportional rates: hi has 3 train examples, as and mr 2, the languages without a file none.
   rates = {t.name: indic.get_rate(t) for t in indic.tasks}
-  assert [rates[f'xtreme_up_xqa_{lang}_finetune'] for lang in ('as', 'hi', 'mr')] == [2.0, 3.0, 2.0]
+  assert [rates[f'xtreme_up_xqa_{lang}_plain'] for lang in ('as', 'hi', 'mr')] == [2.0, 3.0, 2.0]
   assert sum(rates.values()) == 7.0
-  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['hi', 'bn']))
-  assert pipeline.task_names('xtreme_up_xqa_indic_no_cot') == ['xtreme_up_xqa_hi_no_cot']
-  with pytest.raises(ValueError, match=r"TaskData.store_dir is not set \(recipe 'fiat' needs the rationale store\)"):
-    pipeline.eval_examples('xtreme_up_xqa_hi_fiat', 'train')
-  with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_ko_finetune train: no ko examples'):
-    pipeline.eval_examples('xtreme_up_xqa_ko_finetune', 'train')
-  pipeline.use(pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['xx']))
+  td = pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['hi', 'bn'])
+  assert pipeline.task_names(td, 'xtreme_up_xqa_indic_instruction') == ['xtreme_up_xqa_hi_instruction']
+  with pytest.raises(ValueError, match=r"TaskData.store_dir is not set \(data recipe 'instruction_rationale' needs the "
+                     r"rationale store\)"):
+    pipeline.eval_examples(td, 'xtreme_up_xqa_hi_instruction_rationale', 'train')
+  with pytest.raises(readers.DataError, match=r'xtreme_up_xqa_ko_plain train: no ko examples'):
+    pipeline.eval_examples(td, 'xtreme_up_xqa_ko_plain', 'train')
+  td = pipeline.TaskData(XQA, vocabulary=VOCAB, languages=['xx'])
   with pytest.raises(ValueError, match=r"unknown language\(s\) \['xx'\] for xtreme_up_xqa"):
-    pipeline.task_names('xtreme_up_xqa_full_finetune')
+    pipeline.task_names(td, 'xtreme_up_xqa_full_plain')
   with pytest.raises(ValueError, match="'cot' is no task or mixture"):
-    pipeline.task_names('cot')
+    pipeline.task_names(td, 'cot')
   with pytest.raises(TypeError, match=r'TaskData.inputs_length: .1024. \(str\) is not'):
     pipeline.TaskData(XQA, inputs_length='1024')
   with pytest.raises(ValueError, match=r"TaskData.source='hf': expected one of \('files', 'tfds'\)"):
     pipeline.TaskData(XQA, source='hf')
 
 
-def test_get_dataset_reads_release_store_and_vocabulary_from_gin(tmp_path):
-  """As T5X users do: `import tasks`, bind fiat_jax.data.pipeline.TaskData in gin, seqio.get_mixture_or_task(...)."""
+def test_registered_tasks_read_a_gin_bound_task_data(tmp_path):
+  """As T5X users do: bind fiat_jax.data.pipeline.TaskData in gin, register(TaskData()), seqio.get_mixture_or_task."""
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
-  pipeline.use(None)
   try:
-    gin.parse_config([f"fiat_jax.data.pipeline.TaskData.data_dir = '{XOR}'", f"fiat_jax.data.pipeline.TaskData.store_dir = '{store_dir}'",
+    gin.parse_config([f"fiat_jax.data.pipeline.TaskData.data_dir = '{XOR}'",
+                      f"fiat_jax.data.pipeline.TaskData.store_dir = '{store_dir}'",
                       'fiat_jax.data.pipeline.TaskData.inputs_length = 2000'])
     gin.bind_parameter('fiat_jax.data.pipeline.TaskData.vocabulary', VOCAB)
-    mixture = seqio.get_mixture_or_task('xor_attriqa_fiat')
+    td = pipeline.TaskData()  # pylint: disable=no-value-for-parameter
+    pipeline.register(td)
+    mixture = seqio.get_mixture_or_task('xor_attriqa_instruction_rationale')
     got = [(list(ex['inputs']), list(ex['targets'])) for task in mixture.tasks
            for ex in task.get_dataset(None, split='validation', shuffle=False, num_epochs=1).as_numpy_iterator()]
-    expected = pipeline.eval_examples('xor_attriqa_fiat', 'validation')
+    expected = pipeline.eval_examples(td, 'xor_attriqa_instruction_rationale', 'validation')
     assert len(expected) == 5 and got == [
         (want['inputs'], VOCAB.encode(want['targets_pretokenized']) + [VOCAB.eos_id]) for want in expected]
     for want in expected:
       rationale = store_helpers.rationale_for(want['example'], 'xor_attriqa')
-      assert f'{pipeline.RATIONALE_HEADER} {rationale}\n' in want['inputs_pretokenized']
-    assert pipeline.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 0,
-                                                                       'mean_tokens_cut': 0.0}
-    gin.parse_config(['fiat_jax.data.pipeline.TaskData.inputs_length = 700'])  # read again when the dataset is built
-    assert pipeline.truncation_stats('xor_attriqa_fiat', 'validation') == {'examples': 5, 'truncated': 2,
-                                                                       'mean_tokens_cut': 71.0}
+      assert f'{formatting.RATIONALE_HEADER} {rationale}\n' in want['inputs_pretokenized']
+    assert pipeline.truncation_stats(td, 'xor_attriqa_instruction_rationale', 'validation') == {
+        'examples': 5, 'truncated': 0, 'mean_tokens_cut': 0.0}
+    gin.parse_config(['fiat_jax.data.pipeline.TaskData.inputs_length = 700'])
+    shorter = pipeline.TaskData()  # pylint: disable=no-value-for-parameter
+    pipeline.register(shorter)  # the registry now reads the new binding
+    cut = [ex['inputs'] for task in seqio.get_mixture_or_task('xor_attriqa_instruction_rationale').tasks
+           for ex in task.get_dataset(None, split='validation', shuffle=False, num_epochs=1).as_numpy_iterator()]
+    assert max(len(ids) for ids in cut) <= 700 < max(len(ids) for ids, _ in got)
+    assert pipeline.truncation_stats(shorter, 'xor_attriqa_instruction_rationale', 'validation') == {
+        'examples': 5, 'truncated': 2, 'mean_tokens_cut': 71.0}
   finally:
     gin.clear_config()
-  with pytest.raises(ValueError, match=r'TaskData.data_dir is not set \(xor_attriqa_bn_fiat reads the release\)'):
-    pipeline.eval_examples('xor_attriqa_bn_fiat', 'validation')
+  with pytest.raises(ValueError, match=r'TaskData.data_dir is not set \(xor_attriqa_bn_instruction_rationale reads the '
+                     r'release\)'):
+    pipeline.eval_examples(pipeline.TaskData(vocabulary=VOCAB), 'xor_attriqa_bn_instruction_rationale', 'validation')
 
 
 def test_tasks_score_with_their_own_definition():
@@ -110,19 +121,19 @@ def test_tasks_score_with_their_own_definition():
 
 def test_formats_per_recipe():
   ex = readers.read_split('xtreme_up_xqa', XQA, 'train', ['hi'])[0]
-  i_tau = pipeline.load_i_tau('xtreme_up_xqa')
+  i_tau = formatting.load_i_tau('xtreme_up_xqa')
   assert i_tau.startswith('Answer the question from the English passage.')
   x = ('Question: भारत की राजधानी क्या है?\nTitle: New Delhi\nPassage: New Delhi is the capital of '
        'India and a part of the National Capital Territory of Delhi.')
-  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'no_cot', i_tau) == f'{i_tau}\n\n{x}\nAnswer:'
-  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'fiat', i_tau, 'R.') == (
-      f'{i_tau}\n\n{x}\n{pipeline.RATIONALE_HEADER} R.\nAnswer:')
+  assert formatting.format_inputs('xtreme_up_xqa', ex, 'instruction', i_tau) == f'{i_tau}\n\n{x}\nAnswer:'
+  assert formatting.format_inputs('xtreme_up_xqa', ex, 'instruction_rationale', i_tau, 'R.') == (
+      f'{i_tau}\n\n{x}\n{formatting.RATIONALE_HEADER} R.\nAnswer:')
   plain = ('question: भारत की राजधानी क्या है? title: New Delhi context: New Delhi is the capital '
            'of India and a part of the National Capital Territory of Delhi.')
-  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'finetune') == plain
-  assert pipeline.format_inputs('xtreme_up_xqa', ex, 'no_instruction', rationale='R.') == plain + ' rationale: R.'
+  assert formatting.format_inputs('xtreme_up_xqa', ex, 'plain') == plain
+  assert formatting.format_inputs('xtreme_up_xqa', ex, 'rationale', rationale='R.') == plain + ' rationale: R.'
   xor = readers.read_split('xor_attriqa', XOR, 'train', ['ru'])[1]
-  assert pipeline.format_inputs('xor_attriqa', xor, 'finetune') == (
+  assert formatting.format_inputs('xor_attriqa', xor, 'plain') == (
       'question: Кто написал роман «Война и мир»? answer: Фёдор Достоевский '
       'passage: Роман «Война и мир» написан Львом Толстым.')
   assert xor_attriqa.target(xor) == 'no' and xtreme_up.target(ex) == 'New Delhi'
@@ -132,15 +143,15 @@ def test_formats_per_recipe():
 def test_fiat_rationales_joined_by_id(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR)
   assert len({r['i_beta_version'] for r in store.read_records(store_dir)}) == 5  # I_β differs per language
-  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
-  rows = pipeline.eval_examples('xor_attriqa_fiat', 'validation')
+  td = pipeline.TaskData(XOR, store_dir, VOCAB)
+  rows = pipeline.eval_examples(td, 'xor_attriqa_instruction_rationale', 'validation')
   assert [r['language'] for r in rows] == ['bn', 'fi', 'ja', 'ru', 'te']
   for r in rows:
     rationale = store_helpers.rationale_for(r['example'], 'xor_attriqa')
-    assert f'{pipeline.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
+    assert f'{formatting.RATIONALE_HEADER} {rationale}\nAttributable (yes or no):' in r['inputs_pretokenized']
     assert r['inputs'] == VOCAB.encode(r['inputs_pretokenized'])
   assert [r['targets_pretokenized'] for r in rows] == ['yes', 'yes', 'yes', 'yes', 'yes']
-  plain = pipeline.eval_examples('xor_attriqa_te_no_instruction', 'test')
+  plain = pipeline.eval_examples(td, 'xor_attriqa_te_rationale', 'test')
   assert plain[1]['inputs_pretokenized'].endswith(
       f' rationale: {store_helpers.rationale_for(plain[1]["example"], "xor_attriqa")}')
   assert plain[1]['targets_pretokenized'] == 'no'
@@ -169,32 +180,32 @@ def test_fiat_trains_on_a_store_written_by_a_local_beta_with_per_language_i_beta
     versions.setdefault(r['language'], set()).add(r['i_beta_version'])
   assert len(records) == 30 and all(len(v) == 1 for v in versions.values())
   assert len(set.union(*versions.values())) == 5
-  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
-  rows = pipeline.eval_examples('xor_attriqa_fiat', 'train')
+  td = pipeline.TaskData(XOR, store_dir, VOCAB)
+  rows = pipeline.eval_examples(td, 'xor_attriqa_instruction_rationale', 'train')
   by_id = {r['example_id']: r for r in records if r['split'] == 'train'}
   assert len(rows) == 10
   for row in rows:
-    assert f'{pipeline.RATIONALE_HEADER} {by_id[row["id"]]["rationale"].strip()}\n' in row['inputs_pretokenized']
+    assert f'{formatting.RATIONALE_HEADER} {by_id[row["id"]]["rationale"].strip()}\n' in row['inputs_pretokenized']
 
 
 def test_missing_rationales_are_counted_and_listed(tmp_path):
   train = readers.read_split('xor_attriqa', XOR, 'train', ['fi'])
   skip = {train[0]['id']: None, train[1]['id']: None}  # β fails on these two
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR, replies=skip)
-  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
-  pipeline.eval_examples('xor_attriqa_bn_fiat', 'train')  # bn is complete.
+  td = pipeline.TaskData(XOR, store_dir, VOCAB)
+  pipeline.eval_examples(td, 'xor_attriqa_bn_instruction_rationale', 'train')  # bn is complete.
   with pytest.raises(readers.DataError) as e:
-    pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')
+    pipeline.eval_examples(td, 'xor_attriqa_fi_instruction_rationale', 'train')
   assert "2 of 2 examples have no 'rationale' in the store" in str(e.value)
   assert train[0]['id'] in str(e.value) and train[1]['id'] in str(e.value)
   assert 'β failed on it (scripted: no reply)' in str(e.value)
   write_store(store_dir, 'xor_attriqa', XOR)  # β answers them now: the store is read again
-  assert len(pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')) == 2
+  assert len(pipeline.eval_examples(td, 'xor_attriqa_fi_instruction_rationale', 'train')) == 2
   # A record with an empty rationale is missing too, never an empty string.
   empty = write_store(tmp_path / 'empty', 'xor_attriqa', XOR, replies={train[0]['id']: 'Answer: yes'})
-  pipeline.use(pipeline.TaskData(XOR, empty, VOCAB))
+  td = pipeline.TaskData(XOR, empty, VOCAB)
   with pytest.raises(readers.DataError, match=f"1 of 2 examples have no 'rationale' in the store: {train[0]['id']}"):
-    pipeline.eval_examples('xor_attriqa_fi_fiat', 'train')
+    pipeline.eval_examples(td, 'xor_attriqa_fi_instruction_rationale', 'train')
 
 
 @pytest.mark.parametrize('change', ['beta', 'i_beta'])
@@ -206,9 +217,9 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
   other_files = files if change == 'beta' else store_helpers.prompt_files(str(tmp_path / 'prompts'), 'xor_attriqa',
                                                                            tag=' v2')
   write_store(store_dir, 'xor_attriqa', XOR, splits=('test',), **other, **other_files)
-  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB))
+  td = pipeline.TaskData(XOR, store_dir, VOCAB)
   with pytest.raises(readers.DataError, match='must come from one β, I_β and sampling') as e:
-    pipeline.eval_examples('xor_attriqa_bn_fiat', 'train')
+    pipeline.eval_examples(td, 'xor_attriqa_bn_instruction_rationale', 'train')
   text = str(e.value)
   assert all(f'{lang}: ' in text for lang in readers.XOR_ATTRIQA_LANGUAGES)
   if change == 'beta':
@@ -222,23 +233,22 @@ def test_mixed_i_beta_or_beta_in_one_language_is_an_error_naming_them(tmp_path, 
 
 def test_distilled_cot_rationale_is_a_training_target_only(tmp_path):
   store_dir = write_store(tmp_path / 'store', 'xtreme_up_xqa', XQA, splits=('train',))
-  pipeline.use(pipeline.TaskData(XQA, store_dir, VOCAB, languages=['mr']))
+  td = pipeline.TaskData(XQA, store_dir, VOCAB, languages=['mr'])
   rows = [dict(r, inputs=r['inputs_pretokenized'], targets=r['targets_pretokenized'], example=json.loads(r['example']))
-          for r in pipeline.tokenized('xtreme_up_xqa_mr_distilled_cot', 'train')]
+          for r in pipeline.tokenized(td, 'xtreme_up_xqa_mr_distilled_cot', 'train')]
   assert [(r['kind'], r['inputs'][:12]) for r in rows] == [
       ('label', '[label] Answ'), ('rationale', '[rationale] '),
       ('label', '[label] Answ'), ('rationale', '[rationale] ')]
   assert rows[0]['targets'] == 'Mumbai'
   assert rows[1]['targets'] == store_helpers.rationale_for(rows[1]['example'], 'xtreme_up_xqa')
-  assert pipeline.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
+  assert formatting.RATIONALE_HEADER not in rows[1]['inputs']  # No rationale in the inputs.
   # Validation needs no rationale (none is stored for it) and has label outputs only.
-  val = pipeline.eval_examples('xtreme_up_xqa_indic_distilled_cot', 'validation')
+  val = pipeline.eval_examples(td, 'xtreme_up_xqa_indic_distilled_cot', 'validation')
   assert [r['targets_pretokenized'] for r in val] == ['Shivneri Fort', 'Mumbai']
 
 
 def test_seqio_task_tokenizes_and_carries_metrics():
-  pipeline.use(pipeline.TaskData(XOR, vocabulary=VOCAB, languages=['bn']))
-  task = seqio.get_mixture_or_task('xor_attriqa_bn_finetune')
+  task = pipeline.task(pipeline.TaskData(XOR, vocabulary=VOCAB, languages=['bn']), 'xor_attriqa_bn_plain')
   ex = next(task.get_dataset(None, split='test', shuffle=False).as_numpy_iterator())
   assert ex['inputs_pretokenized'].decode().startswith('question: বাংলাদেশের রাজধানী')
   assert list(ex['inputs']) == VOCAB.encode(ex['inputs_pretokenized'].decode())
@@ -249,9 +259,9 @@ def test_seqio_task_tokenizes_and_carries_metrics():
 def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
   """A seqio.Evaluator runs the task's own postprocess and metric fns: the numbers `fiat evaluate`
   (evaluation.evaluate's definition.score over τ's postprocessed outputs) and `fiat score` give."""
-  pipeline.use(pipeline.TaskData(XOR, vocabulary=VOCAB))
+  pipeline.register(pipeline.TaskData(XOR, vocabulary=VOCAB))
   outputs, scores = ['Yes', 'no.', 'hmm'], [0.0, 1.0, 2.0]  # hmm: no label word, counted wrong
-  evaluator = seqio.Evaluator('xor_attriqa_bn_finetune', seqio.DecoderFeatureConverter(pack=False), eval_split='test',
+  evaluator = seqio.Evaluator('xor_attriqa_bn_plain', seqio.DecoderFeatureConverter(pack=False), eval_split='test',
                               async_compute_metrics=False)
   result, _ = evaluator.evaluate(
       compute_metrics=True, predict_fn=lambda ds, *_: [(i, VOCAB.encode(outputs[i])) for i in range(3)],
@@ -260,29 +270,30 @@ def test_seqio_evaluator_scores_as_fiat_evaluate_and_fiat_score_do():
   assert [ex['label'] for ex in examples] == [True, False, True]
   expected = xor_attriqa.flat(xor_attriqa.score(
       examples, [xor_attriqa.tau_prediction(xor_attriqa.postprocess(o)) for o in outputs], scores, n_resamples=1))
-  assert result.result()['xor_attriqa_bn_finetune'] == expected == {'accuracy': pytest.approx(200 / 3),
+  assert result.result()['xor_attriqa_bn_plain'] == expected == {'accuracy': pytest.approx(200 / 3),
                                                                      'auc_pr': pytest.approx(250 / 3)}
 
 
-@pytest.mark.parametrize('recipe', pipeline.RECIPES)
+@pytest.mark.parametrize('recipe', formatting.RECIPES)
 def test_tau_example_formats_as_the_task_does(tmp_path, recipe):
   """`fiat infer` / `fiat evaluate --reliance` format one example with experiment.tau_example: the task's exact
   inputs, also when the passage is cut (distilled CoT's '[label] ' prefix counts against inputs_length)."""
   from fiat_jax import experiment  # pylint: disable=g-import-not-at-top
   store_dir = write_store(tmp_path / 'store', 'xor_attriqa', XOR,
                           replies=lambda ex: f'It reads {ex["id"]}.\nAnswer: no\n')
-  ingredients = {'fiat': {}, 'no_cot': {'rationale': 'none'}, 'no_instruction': {'instruction': False},
-                 'finetune': {'rationale': 'none', 'instruction': False}, 'distilled_cot': {'rationale': 'distilled'}}
+  ingredients = {'instruction_rationale': {}, 'instruction': {'rationale': 'none'}, 'rationale': {'instruction': False},
+                 'plain': {'rationale': 'none', 'instruction': False}, 'distilled_cot': {'rationale': 'distilled'}}
   tau_recipe = experiment.Recipe(rationale_field='raw', **ingredients[recipe])
   assert tau_recipe.data_recipe == recipe
-  lengths = {'fiat': 740, 'no_cot': 650, 'no_instruction': 255, 'finetune': 205, 'distilled_cot': 650}
+  lengths = {'instruction_rationale': 740, 'instruction': 650, 'rationale': 255, 'plain': 205, 'distilled_cot': 650}
   exp = experiment.Experiment(dataset='xor_attriqa', inputs_length=lengths[recipe])  # a few passages are cut
-  pipeline.use(pipeline.TaskData(XOR, store_dir, VOCAB, exp.inputs_length, rationale_field='raw'))
-  rows = pipeline.eval_examples(f'xor_attriqa_{recipe}', 'test')
-  assert pipeline.truncation_stats(f'xor_attriqa_{recipe}', 'test')['truncated'] == (5 if recipe == 'distilled_cot' else 4)
+  td = pipeline.TaskData(XOR, store_dir, VOCAB, exp.inputs_length, rationale_field='raw')
+  rows = pipeline.eval_examples(td, f'xor_attriqa_{recipe}', 'test')
+  assert pipeline.truncation_stats(td, f'xor_attriqa_{recipe}', 'test')['truncated'] == (
+      5 if recipe == 'distilled_cot' else 4)
   raw = [r['example'] for r in rows]
   stored = store.select(store_dir, 'xor_attriqa', raw).by_id(raw)
-  rationales = [stored[ex['id']]['raw'] if recipe in pipeline.RATIONALE_INPUT_RECIPES else None for ex in raw]
+  rationales = [stored[ex['id']]['raw'] if recipe in formatting.RATIONALE_INPUT_RECIPES else None for ex in raw]
   for row, ex, rationale in zip(rows, raw, rationales):
     mine = experiment.tau_example(exp, tau_recipe, VOCAB, ex, rationale)
     assert (mine['inputs_pretokenized'], mine['inputs']) == (row['inputs_pretokenized'], row['inputs'])

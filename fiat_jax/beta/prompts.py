@@ -5,6 +5,8 @@ import json
 import os
 import re
 
+import tasks
+
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tasks",
                            "prompts")
 REASONING_CUE = "Reasoning:"  # beta continues from here in the plain-text rendering.
@@ -12,7 +14,6 @@ REASONING_CUE = "Reasoning:"  # beta continues from here in the plain-text rende
 
 def task_spec(task: str):
   """The data set's definition (tasks/<dataset>.py): the fields β sees, the exemplars' answers and their language."""
-  import tasks  # pylint: disable=g-import-not-at-top  (tasks registers seqio tasks through fiat_jax.data.pipeline)
   return tasks.definition(task)
 
 

@@ -14,9 +14,20 @@ def _gfile():
   return tf.io.gfile
 
 
+def canonical_example(features: dict[str, Any]) -> dict:
+  """The canonical example a task's row carries (its 'example' feature, JSON): what the metrics score against."""
+  value = features['example']
+  return json.loads(value.decode('utf-8') if isinstance(value, bytes) else value)
+
+
 def exists(path: str) -> bool:
   """Whether a local path or a file-system URL (gs://...) exists; local paths without importing TensorFlow."""
   return os.path.exists(path) if '://' not in path else _gfile().exists(path)
+
+
+def isdir(path: str) -> bool:
+  """Whether a local path or a file-system URL is a directory; local paths without importing TensorFlow."""
+  return os.path.isdir(path) if '://' not in path else _gfile().isdir(path)
 
 
 DATASETS = ('xor_attriqa', 'xtreme_up_xqa')

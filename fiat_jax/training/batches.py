@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.data import readers
 
@@ -35,12 +36,12 @@ def _local_order(n: int, seed: int, shard_index: int, num_shards: int, start: in
     k += 1
 
 
-def train_batches(task_or_mixture: str, split: str, feature_lengths: Mapping[str, int],
+def train_batches(td: pipeline.TaskData, task_or_mixture: str, split: str, feature_lengths: Mapping[str, int],
                   batch_size: int, *, seed: int, shard_index: int = 0, num_shards: int = 1,
                   start_step: int = 0, pack: bool = False, bos_id: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite per-host batches of a registered task's split (feature_batches over its tokenized examples)."""
-  return feature_batches(pipeline.tokenized(task_or_mixture, split), feature_lengths, batch_size, seed=seed,
+  """Infinite per-host batches of a task's split read through td (feature_batches over its tokenized examples)."""
+  return feature_batches(pipeline.tokenized(td, task_or_mixture, split), feature_lengths, batch_size, seed=seed,
                          shard_index=shard_index, num_shards=num_shards, start_step=start_step, pack=pack,
                          bos_id=bos_id, where=f'{task_or_mixture} {split}')
 
@@ -55,16 +56,16 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
   batch_size is this host's. Reshuffled every epoch from seed; deterministic; start_step
   skips exactly that many batches (resume). When some example is of kind 'rationale' (distilled CoT), rationale
   targets are cut to the targets length (counted and logged) and every batch carries decoder_task_ids [B, L]
-  (pipeline.TASK_IDS of each row's kind), which the trainer's loss averages per task.
+  (formatting.TASK_IDS of each row's kind), which the trainer's loss averages per task.
   """
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index={shard_index} not in [0, num_shards={num_shards})')
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}')
   kinds = [ex.get('kind', 'label') for ex in examples]
-  unknown = sorted(set(kinds) - set(pipeline.TASK_IDS))
+  unknown = sorted(set(kinds) - set(formatting.TASK_IDS))
   if unknown:
-    raise ValueError(f'{where}: example kinds {unknown} are not among {sorted(pipeline.TASK_IDS)}')
+    raise ValueError(f'{where}: example kinds {unknown} are not among {sorted(formatting.TASK_IDS)}')
   multitask = 'rationale' in kinds
   if multitask:
     if pack:
@@ -96,7 +97,7 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
     ds = ds.skip(start_step)
   if not multitask:
     return ds.as_numpy_iterator()
-  task_ids = np.array([pipeline.TASK_IDS[k] for k in kinds], np.int32)
+  task_ids = np.array([formatting.TASK_IDS[k] for k in kinds], np.int32)
   order = _local_order(len(examples), seed, shard_index, num_shards, start)
 
   def with_task_ids(batches):  # unpacked rows are the examples in stream order
@@ -107,9 +108,9 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
   return with_task_ids(ds.as_numpy_iterator())
 
 
-def rationale_target_truncation(task_or_mixture: str, split: str, targets_length: int) -> dict:
+def rationale_target_truncation(td: pipeline.TaskData, task_or_mixture: str, split: str, targets_length: int) -> dict:
   """How many rationale targets (distilled CoT) train_batches cuts to targets_length, by how many tokens."""
-  return _cut_rationale_targets(pipeline.tokenized(task_or_mixture, split), targets_length)[1]
+  return _cut_rationale_targets(pipeline.tokenized(td, task_or_mixture, split), targets_length)[1]
 
 
 def _cut_rationale_targets(examples: Sequence[Mapping[str, Any]], targets_length: int

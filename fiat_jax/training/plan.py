@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 import typing
 

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import signal
 import time
 import typing
@@ -43,11 +42,12 @@ from fiat_jax.training import logs
 MODES = ("peft", "full")
 
 
-@gin.configurable
+@gin.configurable(denylist=["mode", "seed"])  # what the run sets (SET_BY_RUN): a gin binding of them is an error
 @dataclasses.dataclass(frozen=True)
 @config_check.typed
 class TrainConfig:
   """Everything about a run except the model, the data and the callbacks."""
+  SET_BY_RUN = {"mode": "Recipe.peft sets it (True: peft, False: full)", "seed": "Experiment.seed sets it"}
   mode: str = "peft"  # peft: only LoRA trains | full: every base parameter trains
   num_steps: int = 1000
   batch_size: int = 8  # global examples (rows) per update, over all hosts
