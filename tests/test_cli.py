@@ -66,3 +66,30 @@ def test_every_jax_mode_joins_a_multiprocess_run_first(monkeypatch):
   monkeypatch.setitem(sys.modules, 'tests_probe_mode', probe)
   assert main.run(['probe', '--num_processes=2', '--process_id=1', '--gin.x=1']) == 0
   assert calls == [('init', 2, 1), ('mode', ['--gin.x=1'])]
+
+
+@pytest.mark.parametrize('binding, why', [
+    ("TrainConfig.mode='full'", r'Recipe.peft sets it \(True: peft, False: full\)'),
+    ('TrainConfig.seed=3', r'Experiment.seed sets it')])
+def test_a_binding_the_run_would_overwrite_is_refused(binding, why):
+  """TrainConfig's mode and seed come from the recipe and the experiment: binding them is an error naming them."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from fiat_jax import cli  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  field = binding.split('=')[0]
+  with pytest.raises(commands.UsageError, match=rf'^{field} cannot be bound in gin: {why}; drop the binding'):
+    cli.parse_gin([f'--gin.{binding}'], 'train')
+  gin.clear_config()
+
+
+def test_a_caller_train_config_contradicting_the_run_is_refused():
+  from fiat_jax import experiment, tuning  # pylint: disable=g-import-not-at-top
+  from fiat_jax.training import train  # pylint: disable=g-import-not-at-top
+  exp, recipe = experiment.Experiment(seed=5), experiment.Recipe()
+  got = tuning._run_train_config(  # pylint: disable=protected-access
+      train.TrainConfig(num_steps=7), experiment.Recipe(peft=False), exp)
+  assert (got.mode, got.seed, got.num_steps) == ('full', 5, 7)
+  with pytest.raises(ValueError, match=r"TrainConfig.mode='full' contradicts the run, which sets 'peft' \(Recipe.peft"):
+    tuning._run_train_config(train.TrainConfig(mode='full'), recipe, exp)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"TrainConfig.seed=1 contradicts the run, which sets 5 \(Experiment.seed"):
+    tuning._run_train_config(train.TrainConfig(seed=1), recipe, exp)  # pylint: disable=protected-access

@@ -9,6 +9,7 @@ import pytest
 from fiat_jax import cli
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as fiat has them)
 from fiat_jax import experiment
+from fiat_jax.data import formatting
 from fiat_jax.data import readers
 from fiat_jax import tuning
 from fiat_jax.training import train
@@ -242,8 +243,8 @@ def test_raw_rationale_field_gives_tau_betas_whole_output(tmp_path):
     assert m['recipe']['rationale_field'] == field
   assert len(texts['raw']) == 15
   for i, text in texts['raw'].items():
-    assert f'{pipeline.RATIONALE_HEADER} It names {i}.\nAnswer: yes\n' in text
-    assert f'{pipeline.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
+    assert f'{formatting.RATIONALE_HEADER} It names {i}.\nAnswer: yes\n' in text
+    assert f'{formatting.RATIONALE_HEADER} It names {i}.\n' in texts['rationale'][i]
     assert 'Answer: yes' not in texts['rationale'][i]
   with pytest.raises(ValueError, match="Recipe.rationale_field: 'answer' is not one of"):
     experiment.Recipe(rationale_field='answer')
