@@ -173,6 +173,23 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert np.all(np.isfinite(a))
 
 
+@pytest.mark.parametrize("nan_at", [3, 4, 8])  # before a save step, a save step, the last step
+def test_a_nan_loss_at_step_k_stops_before_any_checkpoint_or_evaluation_of_step_k_or_later(tmp_path, nan_at):
+  def batches(start):
+    for step, batch in enumerate(test_train.step_batches()(start), start):
+      if step == nan_at - 1:  # batch i makes update i + 1
+        batch["decoder_loss_weights"] = np.where(batch["decoder_loss_weights"] > 0, np.nan, 0.0)
+      yield batch
+  evaluated = []
+  with pytest.raises(FloatingPointError, match=rf"loss is nan at step {nan_at} \(the update from step {nan_at - 1}\)"):
+    _train(tmp_path / "run", 8, batches, tcfg=dict(eval_every=2, best_metric="eval/f1"),
+           evaluate=lambda step, variables: evaluated.append(step) or {"f1": 0.0})
+  saved = [s for s in (2, 4, 6) if s < nan_at]
+  assert sorted(map(int, os.listdir(tmp_path / "run" / "checkpoints"))) == saved
+  assert evaluated == saved
+  assert [r["step"] for r in test_train.read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, nan_at))
+
+
 def test_a_half_written_step_directory_is_moved_aside_and_never_listed(tmp_path, capsys):
   _train(tmp_path / "run", 4)
   ckpt_dir = tmp_path / "run" / "checkpoints"

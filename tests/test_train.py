@@ -1,4 +1,5 @@
-"""The trainer: overfitting, 8 devices == 1 device, gradient accumulation, peft vs full, the loss, optimizers."""
+"""The trainer: overfitting, 8 devices == 1 device, gradient accumulation, peft vs full, the loss, optimizers,
+metrics fetched one step late."""
 import functools
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from fiat_jax.model import decoding
 from fiat_jax.model import lora as lora_lib
+from fiat_jax.training import loop
 from fiat_jax.training import losses
 from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import optim
@@ -336,6 +338,34 @@ def test_logs_tensorboard_and_jsonl_and_progress(tmp_path, capsys):
   assert "step 4/4 (100.0%) loss" in out and "tok/s" in out and "ETA 0:00:00" in out
   saved = json.load(open(tmp_path / "train_config.json", encoding="utf-8"))
   assert saved["train"]["batch_size"] == 8 and saved["model"]["lora"]["rank"] == 4
+
+
+def test_step_metrics_are_read_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+  dispatched, read_at = [], []  # read_at[t - 1]: steps dispatched when step t's metrics were read
+  jit_step, to_host = loop._jit_step, loop._to_host
+
+  def counting_jit(*args):
+    jitted = jit_step(*args)
+
+    def dispatch(*step_args):
+      out = jitted(*step_args)
+      dispatched.append(len(dispatched) + 1)
+      return out
+    return dispatch
+
+  def spying_to_host(metrics):
+    read_at.append(len(dispatched))
+    return to_host(metrics)
+
+  monkeypatch.setattr(loop, "_jit_step", counting_jit)
+  monkeypatch.setattr(loop, "_to_host", spying_to_host)
+  cfg = tiny()
+  tcfg = train.TrainConfig(num_steps=10, batch_size=8, log_every=1, save_every=4, tensorboard=False)
+  train.train(tcfg, cfg, params_of(cfg), step_batches(), "random", str(tmp_path), mesh=one_device())
+  # One read per step, after the next step is launched; a step that is saved (4, 8, 10: the last) is read at once,
+  # since its loss is checked before its state is written. A loop that waits every step reads [1, 2, ..., 10].
+  assert read_at == [2, 3, 4, 4, 6, 7, 8, 8, 10, 10]
+  assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
 
 
 def test_evaluation_selects_the_best_checkpoint_and_tests_it_once(tmp_path):

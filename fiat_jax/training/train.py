@@ -4,9 +4,10 @@ One pure train step (state = trainable tree + optimizer state + step + RNG; froz
 metrics), jitted once with shardings and donation. The same code trains the LoRA collection only ('peft') or every
 base parameter ('full': the paper's "w/o parameter-efficient tuning" ablation). Mixed precision: the trainable tree
 (LoRA tensors, or full tuning's master weights) and the optimizer state are float32, a frozen base keeps its
-param_dtype, and the model computes in Config.dtype (TrainConfig.compute_dtype when set). `train` is the loop:
-evaluation with best-checkpoint selection, Orbax checkpoints that resume exactly, SIGTERM saves, metrics and a
-progress line.
+param_dtype, and the model computes in Config.dtype (TrainConfig.compute_dtype when set). `train` runs three
+parts: restore-or-start (a fresh state, or the newest Orbax checkpoint, which resumes exactly), the loop (loop.py:
+steps, metrics and a progress line, periodic evaluation and saving, SIGTERM saves) and select-and-test (the best
+checkpoint on validation, tested once).
 
 Batches are dicts of numpy arrays with seqio.DecoderFeatureConverter keys: decoder_input_tokens,
 decoder_target_tokens, decoder_loss_weights, decoder_causal_attention and, when packed, decoder_segment_ids and
@@ -14,10 +15,6 @@ decoder_positions.
 """
 import dataclasses
 import functools
-import itertools
-import math
-import signal
-import time
 import typing
 from typing import Any, Callable, Iterable
 
@@ -31,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fiat_jax.training import checkpoint
 from fiat_jax import config_check
+from fiat_jax.training import loop
 from fiat_jax.training import losses
 from fiat_jax.model import lora as lora_lib
 from fiat_jax.model import transformer as model_lib
@@ -228,45 +226,7 @@ def _shardings(cfg: model_lib.Config, mode: str, mesh, trainable, frozen, opt_sh
   return state_sh, frozen_sh
 
 
-# ---- The loop -------------------------------------------------------------------------------------------------
-
-class _Sigterm:
-  """Turns SIGTERM (a preemption notice) into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _batch_iterator(batches, start: int):
-  """`batches(start_step)` when callable (e.g. batches.train_batches via functools.partial), else skips `start`."""
-  if callable(batches):
-    return iter(batches(start))
-  return itertools.islice(iter(batches), start, None)
-
-
-def _check_batch(local: dict, rows: int, step: int):
-  for name in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
-    if name not in local:
-      raise ValueError(f"batch for step {step + 1} has no {name!r} (keys: {sorted(local)}); batches need the "
-                       f"seqio.DecoderFeatureConverter features")
-  got = np.shape(local["decoder_input_tokens"])[0]
-  if got != rows:
-    raise ValueError(f"batch for step {step + 1} has {got} rows; TrainConfig.batch_size "
-                     f"{rows * jax.process_count()} over {jax.process_count()} process(es) needs {rows} per process")
-
+# ---- Restore-or-start, the loop (loop.py), select-and-test ------------------------------------------------------
 
 def _fresh_state(tcfg: TrainConfig, cfg: model_lib.Config, params, lora_variables, mesh):
   """The step-0 state, built under jit straight into its shards, the frozen tree, the optimizer and shardings.
@@ -293,28 +253,66 @@ def _fresh_state(tcfg: TrainConfig, cfg: model_lib.Config, params, lora_variable
   return state, frozen, tx, state_sh, frozen_sh
 
 
-def is_better(value: float, best: dict | None, mode: str) -> bool:
-  """Whether a validation value beats the best so far (the first finite value beats a non-finite best)."""
-  if best is None:
-    return True
-  if not math.isfinite(value):
-    return False
-  return not math.isfinite(best["value"]) or (value > best["value"] if mode == "max" else value < best["value"])
+def _restore_or_start(tcfg: TrainConfig, cfg: model_lib.Config, model_cfg: model_lib.Config, params,
+                      lora_variables, data_fingerprint: str, run_dir: str, base_path: str | None, mesh, stream,
+                      settings: dict | None, allow_changed_settings: bool, on_start) -> tuple[loop.Start, Any]:
+  """(the run to step from, its optimizer): the newest checkpoint that restores and matches the run, else step 0."""
+  log = logs.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)
+  for notice in checkpoint.recover_partial(run_dir):
+    log.text(notice)
+  mgr = checkpoint.manager(run_dir, tcfg.keep, tcfg.best_mode)
+  state, frozen, tx, state_sh, frozen_sh = _fresh_state(tcfg, cfg, params, lora_variables, mesh)
+  base = checkpoint.base_reference(model_cfg, base_path)
+  identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
+                  base_config_fingerprint=base["config_fingerprint"])
+  # Every setting that shapes the run, checked against the recorded ones before anything is written or trained.
+  recorded = dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(model_cfg), base=base,
+                  data_fingerprint=data_fingerprint, **(settings or {}))
+  steps = mgr.all_steps()
+  for notice in run_files.check_settings(run_dir, recorded, resuming_from=max(steps) if steps else None,
+                                         allow_changed=allow_changed_settings, writer=jax.process_index() == 0):
+    log.text(notice)
+  if on_start is not None:
+    on_start()
+
+  def vet(meta, where):
+    checkpoint.check_resume(meta["identity"], identity, where)
+    if meta["base"]["path"] != base["path"]:
+      log.text(f"note: the checkpoint's base was {meta['base']['path']!r}, this run loads {base['path']!r} "
+               f"(same config fingerprint {base['config_fingerprint']})")
+
+  best = None
+  latest, restored, meta, notices = checkpoint.restore_newest(mgr, run_dir, checkpoint.abstract(state, state_sh), vet)
+  for notice in notices:
+    log.text(notice)
+  if latest is not None:
+    state, best = restored, meta["best"]
+    log.text(f"resumed from {mgr.directory}/{latest}: step {latest}, data position {meta['data_position']} batches")
+  # What was logged after the checkpoint resumed from (and a final test) is logged again from here on.
+  dropped = log.rewind(-1 if latest is None else latest)
+  if dropped:
+    when = f"after step {latest}" if latest is not None else "by an attempt that saved no checkpoint"
+    log.text(f"{log.path}: dropped {dropped} records logged {when} (this run logs those steps again)")
+  if jax.process_index() == 0:
+    log.text(lora_lib.summary(state["trainable"], frozen))
+  return loop.Start(state, frozen, state_sh, frozen_sh, best, latest, identity, base, mesh, log, mgr), tx
 
 
-def _validation_metrics(step, state, frozen, evaluate, eval_batches, eval_fn, mesh) -> dict:
-  """eval/loss over eval_batches (token-weighted) and eval/<name> of the evaluate callback."""
-  metrics = {}
-  if eval_batches is not None:
-    nll, weight = 0.0, 0.0
-    with sharding.activation_rules(mesh):
-      for local in (eval_batches() if callable(eval_batches) else eval_batches):
-        n, w = eval_fn(state["trainable"], frozen, sharding.global_batch(local, mesh))
-        nll, weight = nll + float(n), weight + float(w)
-    metrics["eval/loss"] = nll / max(weight, 1e-9)
-  if evaluate is not None:
-    metrics.update({f"eval/{k}": float(v) for k, v in evaluate(step, {**frozen, **state["trainable"]}).items()})
-  return metrics
+def _select_and_test(start: loop.Start, end: loop.End, final_eval) -> TrainResult:
+  """The selected checkpoint (best on validation, else the last): restored, tested once, and returned."""
+  chosen, chosen_state = (end.best["step"] if end.best is not None else end.step), end.state
+  if chosen != end.step:
+    chosen_state, _ = checkpoint.restore(start.mgr, chosen, checkpoint.abstract(end.state, start.state_sh))
+  start.log.text(f"selected checkpoint: step {chosen}" + (
+      f" ({end.best['metric']} {end.best['value']:.4f})" if end.best else
+      " (the last; no evaluation ranked checkpoints)"))
+  test_metrics = None
+  if final_eval is not None:
+    test_metrics = {k: float(v) for k, v in final_eval(chosen, {**start.frozen, **chosen_state["trainable"]}).items()}
+    start.log.scalars(chosen, {f"test/{k}": v for k, v in test_metrics.items()})
+    start.log.text(f"test (checkpoint of step {chosen}): " +
+                   ", ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items())))
+  return TrainResult(end.step, False, end.best, test_metrics, chosen_state["trainable"], start.frozen, chosen)
 
 
 @gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables",
@@ -349,134 +347,16 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
                             **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
   model = model_lib.Transformer(cfg)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  log = logs.RunLog(run_dir, tcfg.num_steps, tcfg.tensorboard, stream)
-  for notice in checkpoint.recover_partial(run_dir):
-    log.text(notice)
-  mgr = checkpoint.manager(run_dir, tcfg.keep, tcfg.best_mode)
-  state, frozen, tx, state_sh, frozen_sh = _fresh_state(tcfg, cfg, params, lora_variables, mesh)
-  base = checkpoint.base_reference(model_cfg, base_path)
-  identity = dict(mode=tcfg.mode, batch_size=tcfg.batch_size, data_fingerprint=data_fingerprint,
-                  base_config_fingerprint=base["config_fingerprint"])
-  # Every setting that shapes the run, checked against the recorded ones before anything is written or trained.
-  recorded = dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(model_cfg), base=base,
-                  data_fingerprint=data_fingerprint, **(settings or {}))
-  steps = mgr.all_steps()
-  for notice in run_files.check_settings(run_dir, recorded, resuming_from=max(steps) if steps else None,
-                                         allow_changed=allow_changed_settings, writer=jax.process_index() == 0):
-    log.text(notice)
-  if on_start is not None:
-    on_start()
-
-  # ---- restore, or start and record the run's configuration
-  def vet(meta, where):
-    checkpoint.check_resume(meta["identity"], identity, where)
-    if meta["base"]["path"] != base["path"]:
-      log.text(f"note: the checkpoint's base was {meta['base']['path']!r}, this run loads {base['path']!r} "
-               f"(same config fingerprint {base['config_fingerprint']})")
-
-  best = None
-  latest, restored, meta, notices = checkpoint.restore_newest(mgr, run_dir, checkpoint.abstract(state, state_sh), vet)
-  for notice in notices:
-    log.text(notice)
-  if latest is not None:
-    state, best = restored, meta["best"]
-    log.text(f"resumed from {mgr.directory}/{latest}: step {latest}, data position {meta['data_position']} batches")
-  # What was logged after the checkpoint resumed from (and a final test) is logged again from here on.
-  dropped = log.rewind(-1 if latest is None else latest)
-  if dropped:
-    when = f"after step {latest}" if latest is not None else "by an attempt that saved no checkpoint"
-    log.text(f"{log.path}: dropped {dropped} records logged {when} (this run logs those steps again)")
-  if jax.process_index() == 0:
-    log.text(lora_lib.summary(state["trainable"], frozen))
-
-  # ---- the jitted step, checkpoints, and evaluate-and-select
+  start, tx = _restore_or_start(tcfg, cfg, model_cfg, params, lora_variables, data_fingerprint, run_dir, base_path,
+                                mesh, stream, settings, allow_changed_settings, on_start)
   step_fn = functools.partial(train_step, model=model, tcfg=tcfg, tx=tx,
                               lr_fn=optim_lib.schedule(tcfg.optim, tcfg.num_steps))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, tcfg=tcfg))
-  compiled = {}
-
-  def run_step(state, local):
-    batch = sharding.global_batch(local, mesh)
-    if "fn" not in compiled:  # shardings of the batch are known once its keys and ranks are
-      batch_sh = {k: v.sharding for k, v in batch.items()}
-      compiled["fn"] = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                               out_shardings=(state_sh, None), donate_argnums=(0,))
-    with sharding.activation_rules(mesh):
-      return compiled["fn"](state, frozen, batch)
-
-  def save(step, state, best_value=None):
-    checkpoint.save(mgr, step, state, dict(step=step, data_position=step, identity=identity, base=base, best=best),
-                    best_value)
-
-  def evaluate_and_select(step, state) -> float:
-    nonlocal best
-    metrics = _validation_metrics(step, state, frozen, evaluate, eval_batches, eval_fn, mesh)
-    if tcfg.best_metric not in metrics:
-      raise ValueError(f"TrainConfig.best_metric {tcfg.best_metric!r} is not among the evaluation's metrics "
-                       f"{sorted(metrics)}")
-    value = metrics[tcfg.best_metric]
-    if is_better(value, best, tcfg.best_mode):
-      best = dict(metric=tcfg.best_metric, step=step, value=value)
-    log.scalars(step, metrics)
-    log.text(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) +
-             f" (best {best['metric']} {best['value']:.4f} at step {best['step']})")
-    return value
-
-  # ---- the loop
-  sigterm = _Sigterm()
-  step = int(state["step"])
-  has_eval = evaluate is not None or eval_batches is not None
+  validation = loop.Validation(evaluate, eval_batches, jax.jit(functools.partial(eval_step, model=model, tcfg=tcfg)))
   try:
-    if latest is None and tcfg.eval_at_start and has_eval:
-      save(0, state, evaluate_and_select(0, state))
-    it = _batch_iterator(batches, step)
-    rows = tcfg.batch_size // jax.process_count()
-    t_prev = time.perf_counter()
-    while step < tcfg.num_steps:
-      local = next(it, None)
-      if local is None:
-        raise ValueError(f"the training batches ran out after {step} steps; num_steps is {tcfg.num_steps}")
-      _check_batch(local, rows, step)
-      state, metrics = run_step(state, local)
-      loss = float(metrics["loss"])  # waits for the step; a non-finite loss must never reach a checkpoint
-      step += 1
-      if not math.isfinite(loss):
-        last = mgr.latest_step()
-        raise FloatingPointError(
-            f"loss is {loss} at step {step} (the update from step {step - 1}); stopped without saving it. "
-            f"The last good checkpoint is " + (f"{mgr.directory}/{last}" if last is not None else "none"))
-      now = time.perf_counter()
-      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-        scalars = {k: float(v) for k, v in metrics.items()}
-        scalars["step_time_s"] = now - t_prev
-        scalars["tokens_per_s"] = np.size(local["decoder_input_tokens"]) * jax.process_count() / (now - t_prev)
-        log.scalars(step, scalars)
-        log.progress(step, scalars)
-      t_prev = now
-      value = None
-      if has_eval and ((tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.num_steps):
-        value = evaluate_and_select(step, state)
-      if value is not None or step % tcfg.save_every == 0 or step == tcfg.num_steps or sigterm.received:
-        save(step, state, value)
-      if sigterm.received:
-        log.text(f"SIGTERM: saved {mgr.directory}/{step}; stopping (restart in the same run directory to resume)")
-        return TrainResult(step, True, best, None, state["trainable"], frozen, step)
-    if mgr.latest_step() != step:  # resumed after the end, or a save was skipped
-      save(step, state)
-    # The selected checkpoint (best on validation, else the last) is what is tested, returned and saved.
-    chosen, chosen_state = (best["step"] if best is not None else step), state
-    if chosen != step:
-      chosen_state, _ = checkpoint.restore(mgr, chosen, checkpoint.abstract(state, state_sh))
-    log.text(f"selected checkpoint: step {chosen}" + (f" ({best['metric']} {best['value']:.4f})" if best else
-                                                       " (the last; no evaluation ranked checkpoints)"))
-    test_metrics = None
-    if final_eval is not None:
-      test_metrics = {k: float(v) for k, v in final_eval(chosen, {**frozen, **chosen_state["trainable"]}).items()}
-      log.scalars(chosen, {f"test/{k}": v for k, v in test_metrics.items()})
-      log.text(f"test (checkpoint of step {chosen}): " +
-               ", ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items())))
-    return TrainResult(step, False, best, test_metrics, chosen_state["trainable"], frozen, chosen)
+    end = loop.run(tcfg, start, step_fn, batches, validation)
+    if end.preempted:
+      return TrainResult(end.step, True, end.best, None, end.state["trainable"], start.frozen, end.step)
+    return _select_and_test(start, end, final_eval)
   finally:
-    sigterm.restore()
-    log.close()
-    mgr.close()
+    start.log.close()
+    start.mgr.close()
