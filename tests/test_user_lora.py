@@ -56,9 +56,13 @@ def test_a_users_variant_trains_merges_and_exports_to_peft(gated, tmp_path):
   res = train.train(tcfg, cfg, params, lambda start: iter(lambda: batch, None), "one batch", str(tmp_path / "run"),
                     mesh=mesh)
   losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
-  print("LOSSES", losses)  # 8 steps on one batch: down by more than 1 nat
+  assert len(losses) == 8 and losses[-1] < losses[0] - 3.0, losses  # one batch, 8 steps: 5.49 -> 1.57 nats
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "8"]
+  again = train.train(tcfg, cfg, params, lambda start: iter(lambda: batch, None), "one batch",
+                      str(tmp_path / "run"), mesh=mesh)  # resumes from checkpoint 8, with nothing left to train
+  assert again.step == 8
+  for a, b in zip(jax.tree_util.tree_leaves(again.trainable), jax.tree_util.tree_leaves(res.trainable)):
+    np.testing.assert_array_equal(a, b)  # the variant's tensors restored from the checkpoint exactly
 
   q = res.trainable["lora"][stacking.SCANNED]["attn"]["q"]
   assert {k: v.shape for k, v in q.items()} == {"a": (2, 32, 4), "g": (2, 4), "b": (2, 4, 32)}
