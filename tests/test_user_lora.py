@@ -8,10 +8,12 @@ import os
 import sys
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import pytest
 
+from fiat_jax import cli
 from fiat_jax.model import hf
 from fiat_jax.model import hf_export
 from fiat_jax.model import lora as lora_lib
@@ -30,15 +32,27 @@ USER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_lora")
 
 
 @pytest.fixture
-def gated(monkeypatch):
-  """gated_lora imported as a gin file's `import gated_lora` imports it; VARIANTS is a copy for the test, so no
-  other test sees the variant."""
+def user_modules(monkeypatch):
+  """tests/user_lora importable and gated_lora not yet imported; VARIANTS is a copy for the test, so no other test
+  sees what it registers."""
   monkeypatch.setattr(lora_lib, "VARIANTS", dict(lora_lib.VARIANTS))
   monkeypatch.syspath_prepend(USER_DIR)
   monkeypatch.delitem(sys.modules, "gated_lora", raising=False)
+
+
+@pytest.fixture
+def gated(user_modules):
+  """gated_lora imported as a gin file's `import gated_lora` imports it."""
   module = importlib.import_module("gated_lora")
   assert lora_lib.VARIANTS["gated"] is module.GATED
   return module
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()  # also forgets the imports gin recorded
+  yield
+  gin.clear_config()
 
 
 def test_a_users_variant_trains_merges_and_exports_to_peft(gated, tmp_path):
@@ -144,3 +158,26 @@ def test_init_returning_other_ranks_than_declared_is_named(gated):
   with pytest.raises(ValueError, match=r"lora.VARIANTS\['gated'\]: init returned lora 'g' of shape \(2,\), its "
                                        r"entry declares the axes \('lora_rank', 'out'\)"):
     jax.eval_shape(lambda p: lora_lib.init(cfg.lora, p, jax.random.PRNGKey(0)), params)
+
+
+def test_a_gin_file_imports_the_users_module_before_its_bindings(user_modules, clean_gin):
+  cli.parse_gin([f"--gin_file={os.path.join(USER_DIR, 'gated.gin')}"], "train")
+  assert lora_lib.LoraConfig() == lora_lib.LoraConfig(rank=4, variant="gated")
+  assert "gated" in lora_lib.VARIANTS
+  assert gin.config_str().startswith("import gated_lora\n")  # what a run's config.gin keeps
+
+
+def test_a_gin_import_that_fails_is_one_line_naming_the_file(user_modules, clean_gin, tmp_path, monkeypatch):
+  missing = tmp_path / "missing.gin"
+  missing.write_text("LoraConfig.rank = 4\nimport no_such_lora\n")
+  with pytest.raises(cli.UsageError) as e:
+    cli.parse_gin([f"--gin_file={missing}"], "train")
+  assert str(e.value) == (f"No module named 'no_such_lora' (In file \"{missing}\", line 2; import no_such_lora): a "
+                          f"gin file imports from the working directory, PYTHONPATH and the installed packages")
+  (tmp_path / "clashing_lora.py").write_text("from fiat_jax.model import lora\nlora.register('dora', lora.LORA)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  clash = tmp_path / "clash.gin"
+  clash.write_text("import clashing_lora\n")
+  with pytest.raises(cli.UsageError, match=rf"^lora.register\('dora'\): the name 'dora' is taken \(registered by "
+                                           rf"fiat_jax.model.lora\); .* \(In file \"{clash}\", line 1; "):
+    cli.parse_gin([f"--gin_file={clash}"], "train")

@@ -220,6 +220,7 @@ def peft_lora_module(kind, a, b, **extra):
 
 
 def peft_lora_config(cfg, rank=None, alpha=None, use_dora=False) -> dict:
+  """PEFT's adapter_config.json fields of a LoRA adapter of cfg (rank / alpha: where the layout needs others)."""
   return {"peft_type": "LORA", "r": rank or cfg.rank, "lora_alpha": alpha or cfg.alpha, "lora_dropout": cfg.dropout,
           "use_rslora": cfg.rslora, "use_dora": use_dora, "bias": "none", "fan_in_fan_out": False,
           "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
