@@ -61,6 +61,9 @@ def parse_gin(argv: list[str], mode: str) -> argparse.Namespace:
     raise UsageError(_syntax_hint(e, bindings)) from e
   except ValueError as e:
     raise UsageError(_gin_error_line(e)) from e
+  except ImportError as e:  # a gin file's `import my_module`: gin names the file and line
+    raise UsageError(f'{_gin_error_line(e)}: a gin file imports from the working directory, PYTHONPATH and the '
+                     f'installed packages') from e
   return args
 
 
@@ -82,7 +85,7 @@ def _syntax_hint(e: SyntaxError, bindings: list[str]) -> str:
   return f'{where}: gin cannot parse {text!r}: {e.msg}'
 
 
-def _gin_error_line(e: ValueError) -> str:
+def _gin_error_line(e: Exception) -> str:
   """gin's error as one line: an unbound macro, an unknown configurable or parameter (with where it was bound)."""
   msg = str(e)
   first = msg.splitlines()[0]

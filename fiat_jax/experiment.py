@@ -358,6 +358,12 @@ def load_tau(exp: Experiment, recipe: Recipe):
   try:
     lines = tau_mismatches(saved, record, trained, cfg, params)
   except (TypeError, ValueError) as e:  # a field LoraConfig refuses (unknown variant, rank 0, an unknown field)
+    variant = saved['lora'].get('variant') if isinstance(saved['lora'], dict) else None
+    if isinstance(variant, str) and variant not in lora_lib.VARIANTS:  # the file is fine: its module is not loaded
+      raise commands.UsageError(
+          f'{config_path}: the run trained the LoRA variant {variant!r}, which no module imported by this command '
+          f'registers ({", ".join(lora_lib.VARIANTS)} are): pass the gin file that imports its module, as `fiat '
+          f'train` had it (the run\'s config.gin starts with its imports)') from None
     lines = [f'lora: {e}']
   if lines:
     raise run_files.RunDirError(f'{config_path}: does not match the adapter saved in {path}:\n' +

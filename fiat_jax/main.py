@@ -2,6 +2,7 @@
 (the table and the flags: commands.py)."""
 import importlib
 import logging
+import os
 import sys
 import time
 
@@ -15,6 +16,11 @@ def run(argv: list[str] | None = None) -> int:
   """Console-script entry point: help without importing JAX; a user's mistake is one line and exit code 2."""
   malloc.keep_freed_memory()  # with FIAT_GLIBC_MALLOC=reuse; before any library starts its threads
   argv = sys.argv[1:] if argv is None else argv
+  # A gin file's `import my_module` (a user's LoRA variant) imports as Python does, but a console script's
+  # sys.path lacks the working directory that `python -m` has: appended, so a module beside the run is found and
+  # never shadows an installed package of the same name.
+  if os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())
   if not argv or argv[0] in ('-h', '--help'):
     print(commands.overview(), file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2

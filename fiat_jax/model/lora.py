@@ -4,16 +4,25 @@
 The base tree (`params`) is never touched: a variant's trainable tensors live in the `lora` collection and those it
 keeps at their initial values (PiSSA's initial factors, VeRA's random projections) in `lora_init` (frozen), both in
 float32 (ADAPTER_DTYPE) whatever the base's dtype; the forward casts them to the compute dtype, merge to the base's.
-A variant is one `Variant` entry in VARIANTS: its tensors (with logical axes and init), forward, exact merge and
-unmerge, LoRA+ matrices and PEFT adapter layout. The model, trainer, optimizer, sharding and export read the entry,
-so adding a variant is adding an entry. `embed` / `unembed` targets use plain LoRA under every variant.
+A variant is a `Variant` record: its tensors (with logical axes and init), forward, exact merge and unmerge, LoRA+
+matrices and PEFT adapter layout; `register(name, variant)` makes it selectable as `LoraConfig.variant = name`. The
+four built-ins register below exactly as a research variant does from its own module (no edit here):
+
+  from fiat_jax.model import lora
+  lora.register("gated", lora.Variant(trainable=..., frozen={}, init=..., forward=..., merge=..., unmerge=...))
+
+and a gin file loads that module with gin's `import my_module` (the `fiat` command finds it in the working
+directory, on PYTHONPATH or installed). The model, trainer, optimizer, sharding, scanned layers, checkpoints, plan
+and export read the record, so nothing else changes. `embed` / `unembed` targets use plain LoRA under every variant.
 `lora_dense` (x W plus the LoRA product, as one matmul) and `low_rank` (the product x A B alone) come from ops.py,
 with hand-written gradients; `dense` (x W of a projection without LoRA, and the unembedding) also comes from ops.py:
 one 2-D product, whose autodiff weight gradient XLA takes without a transposed copy. A variant's own terms can be
-plain jnp code, which autodiff differentiates.
+plain jnp code, which autodiff differentiates; its init must be traceable (`fiat plan` runs it under eval_shape).
 """
 import dataclasses
+import inspect
 import math
+import re
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -46,7 +55,7 @@ class LoraConfig:
   targets: tuple[str, ...] = DENSE_TARGETS
   dropout: float = 0.0
   rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank.
-  variant: str = "lora"  # a key of VARIANTS: lora | dora | pissa | vera
+  variant: str = "lora"  # a registered name (register): lora | dora | pissa | vera, or one a user's module adds
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))  # gin and JSON give lists; the config is hashed
@@ -54,7 +63,7 @@ class LoraConfig:
     if unknown:
       raise ValueError(f"LoraConfig.targets: unknown {sorted(unknown)}; choose from {DENSE_TARGETS + EMBED_TARGETS}")
     if self.variant not in VARIANTS:
-      raise ValueError(f"LoraConfig.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
+      raise ValueError(f"LoraConfig.variant: {_unregistered(self.variant)}")
     if self.rank < 1:
       raise ValueError(f"LoraConfig.rank: {self.rank} must be >= 1")
 
@@ -111,6 +120,73 @@ class Variant:
   peft: PeftLayout | None = None  # None: PEFT has no layout for it, and save_peft says so
 
 
+VARIANTS: dict[str, Variant] = {}  # name -> Variant: read it; `register` adds to it
+_CALLS = {"init": "cfg, w, key, shared", "forward": "cfg, x, xd, w, t, f", "merge": "cfg, w, t, f",
+          "unmerge": "cfg, w, t, f"}  # the positional arguments each of a Variant's functions is called with
+
+
+def register(name: str, variant: Variant, replace: bool = False) -> Variant:
+  """Makes `variant` selectable as LoraConfig.variant = name and returns it; a taken name (unless `replace`) or a
+  malformed Variant is refused with a ValueError naming it."""
+  where = f"lora.register({name!r})"
+  if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):  # a gin string and a tau.json field
+    raise ValueError(f"{where}: a variant's name is letters, digits, '_', '.' or '-'")
+  if name in VARIANTS and not replace:
+    owner = getattr(VARIANTS[name].forward, "__module__", "?")
+    raise ValueError(f"{where}: the name {name!r} is taken (registered by {owner}); choose another name, or pass "
+                     f"replace=True to override it")
+  problems = _problems(variant)
+  if problems:
+    raise ValueError(f"{where}: malformed Variant: " + "; ".join(problems))
+  VARIANTS[name] = variant
+  return variant
+
+
+def _takes(fn, n: int) -> bool:
+  try:
+    inspect.signature(fn).bind(*range(n))
+  except TypeError:
+    return False
+  except ValueError:  # no signature to inspect (a builtin): left to the first call
+    pass
+  return True
+
+
+def _problems(v) -> list[str]:
+  """What is wrong with a Variant's fields, one phrase each (caught here rather than deep inside a jitted step)."""
+  if not isinstance(v, Variant):
+    return [f"{type(v).__name__} is not a lora.Variant"]
+  out = []
+  for field in ("trainable", "frozen"):
+    tensors = getattr(v, field)
+    if not isinstance(tensors, dict):
+      out.append(f"{field} is a {type(tensors).__name__}, not a dict of tensor name -> logical axes")
+      continue
+    for n, axes in tensors.items():
+      if not isinstance(n, str) or not n or "/" in n:  # checkpoints and tau.json checks join names with '/'
+        out.append(f"{field}: the tensor name {n!r} is not a non-empty string without '/'")
+      if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes):
+        out.append(f"{field}[{n!r}]: the logical axes {axes!r} are not a tuple of names ('in', 'out', 'lora_rank')")
+  if v.trainable == {}:
+    out.append("trainable is empty: a variant trains at least one tensor")
+  for field, args in _CALLS.items():
+    if not callable(getattr(v, field)) or not _takes(getattr(v, field), len(args.split(", "))):
+      out.append(f"{field} is not a function of ({args})")
+  trainable = v.trainable if isinstance(v.trainable, dict) else {}
+  if not isinstance(v.loraplus, tuple) or not set(v.loraplus) <= set(trainable):
+    out.append(f"loraplus {v.loraplus!r} is not a tuple of trainable tensor names")
+  layout = v.peft
+  if layout is not None and not (isinstance(layout, PeftLayout) and callable(layout.config) and
+                                 callable(layout.module) and callable(layout.shared)):
+    out.append(f"peft is {type(layout).__name__}, not a PeftLayout of functions (or None: no PEFT export)")
+  return out
+
+
+def _unregistered(name: str) -> str:
+  return (f"{name!r} is not registered in lora.VARIANTS ({', '.join(VARIANTS)}); a variant of your own registers "
+          f"when its module is imported (lora.register): put `import my_module` at the top of a gin file")
+
+
 def _f32(x):
   return x.astype(jnp.float32)
 
@@ -136,24 +212,25 @@ def _lora_delta(cfg, t, f):
   return cfg.scale * (_f32(t["a"]) @ _f32(t["b"]))
 
 
-def _peft_lora_module(kind, a, b, **extra):
+def peft_lora_module(kind, a, b, **extra):
   """PEFT LoRA tensors of one module from A [in, R] and B [R, out] (PEFT stores both transposed)."""
   if kind == "embed":
     return {"lora_embedding_A": a.T, "lora_embedding_B": b.T, **extra}
   return {"lora_A.weight": a.T, "lora_B.weight": b.T, **extra}
 
 
-def _peft_lora_config(cfg, rank=None, alpha=None, use_dora=False) -> dict:
+def peft_lora_config(cfg, rank=None, alpha=None, use_dora=False) -> dict:
+  """PEFT's adapter_config.json fields of a LoRA adapter of cfg (rank / alpha: where the layout needs others)."""
   return {"peft_type": "LORA", "r": rank or cfg.rank, "lora_alpha": alpha or cfg.alpha, "lora_dropout": cfg.dropout,
           "use_rslora": cfg.rslora, "use_dora": use_dora, "bias": "none", "fan_in_fan_out": False,
           "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-LORA = Variant(
+LORA = register("lora", Variant(
     trainable={"a": ("in", "lora_rank"), "b": ("lora_rank", "out")}, frozen={}, init=_lora_init,
     forward=_lora_forward, **_additive(_lora_delta), loraplus=("b",),
-    peft=PeftLayout(config=_peft_lora_config,
-                    module=lambda cfg, kind, t, f, w: _peft_lora_module(kind, t["a"], t["b"])))
+    peft=PeftLayout(config=peft_lora_config,
+                    module=lambda cfg, kind, t, f, w: peft_lora_module(kind, t["a"], t["b"]))))
 
 
 def _dora_init(cfg, w, key, shared):
@@ -180,13 +257,13 @@ def _dora_unmerge(cfg, w, t, f):
 def _peft_dora_module(cfg, kind, t, f, w):
   # embed / unembed (plain LoRA here) get the magnitude that makes PEFT's DoRA factor 1: ||W + s A B|| itself.
   m = t["m"] if "m" in t else np.sqrt(np.sum(np.square((w + cfg.scale * t["a"] @ t["b"]).astype(np.float64)), 0))
-  return _peft_lora_module(kind, t["a"], t["b"], lora_magnitude_vector=m)
+  return peft_lora_module(kind, t["a"], t["b"], lora_magnitude_vector=m)
 
 
-DORA = Variant(
+DORA = register("dora", Variant(
     trainable=dict(LORA.trainable, m=("out",)), frozen={}, init=_dora_init, forward=_dora_forward,
     merge=_dora_merge, unmerge=_dora_unmerge, loraplus=("b",),
-    peft=PeftLayout(config=lambda cfg: _peft_lora_config(cfg, use_dora=True), module=_peft_dora_module))
+    peft=PeftLayout(config=lambda cfg: peft_lora_config(cfg, use_dora=True), module=_peft_dora_module)))
 
 
 def _pissa_init(cfg, w, key, shared):
@@ -209,15 +286,15 @@ def _peft_pissa_module(cfg, kind, t, f, w):
   # s(AB - A0B0) on the original base is the rank-2R adapter [A, A0][B; -B0] (alpha scaled in the config to keep
   # the scale); plain-LoRA embed / unembed targets are padded to rank 2R with zeros.
   a0, b0 = (f["a"], f["b"]) if f else (np.zeros_like(t["a"]), np.zeros_like(t["b"]))
-  return _peft_lora_module(kind, np.concatenate([t["a"], a0], 1), np.concatenate([t["b"], -b0], 0))
+  return peft_lora_module(kind, np.concatenate([t["a"], a0], 1), np.concatenate([t["b"], -b0], 0))
 
 
-PISSA = Variant(
+PISSA = register("pissa", Variant(
     trainable=LORA.trainable, frozen=LORA.trainable, init=_pissa_init, forward=_pissa_forward,
     **_additive(lambda cfg, t, f: cfg.scale * (_f32(t["a"]) @ _f32(t["b"]) - _f32(f["a"]) @ _f32(f["b"]))),
     loraplus=("b",),
-    peft=PeftLayout(module=_peft_pissa_module, config=lambda cfg: _peft_lora_config(
-        cfg, rank=2 * cfg.rank, alpha=cfg.alpha * (math.sqrt(2) if cfg.rslora else 2))))
+    peft=PeftLayout(module=_peft_pissa_module, config=lambda cfg: peft_lora_config(
+        cfg, rank=2 * cfg.rank, alpha=cfg.alpha * (math.sqrt(2) if cfg.rslora else 2)))))
 
 VERA_D_INITIAL = 0.1  # VeRA's d at init (the paper's d_initial, PEFT's default)
 
@@ -260,22 +337,20 @@ def _peft_vera_shared(cfg, frozen):
   return {"vera_A": a.T, "vera_B": b.T}
 
 
-VERA = Variant(
+VERA = register("vera", Variant(
     trainable={"d": ("lora_rank",), "b": ("out",)}, frozen=LORA.trainable, init=_vera_init, forward=_vera_forward,
     **_additive(lambda cfg, t, f: (_f32(f["a"]) * _f32(t["d"])) @ _f32(f["b"]) * _f32(t["b"])),
     peft=PeftLayout(config=lambda cfg: {
         "peft_type": "VERA", "r": cfg.rank, "projection_prng_key": 0, "save_projection": True,
         "vera_dropout": cfg.dropout, "d_initial": VERA_D_INITIAL, "fan_in_fan_out": False, "bias": "none",
         "modules_to_save": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None},
-        module=_peft_vera_module, shared=_peft_vera_shared))
-
-VARIANTS: dict[str, Variant] = {"lora": LORA, "dora": DORA, "pissa": PISSA, "vera": VERA}
+        module=_peft_vera_module, shared=_peft_vera_shared)))
 
 
 def variant(cfg: LoraConfig) -> Variant:
-  """The VARIANTS entry of cfg.variant; a clear error naming it when it is not registered."""
+  """The registered Variant of cfg.variant; a clear error naming it when it is not registered."""
   if cfg.variant not in VARIANTS:
-    raise ValueError(f"LoRA variant {cfg.variant!r} is not registered in lora.VARIANTS ({', '.join(VARIANTS)})")
+    raise ValueError(f"LoRA variant {_unregistered(cfg.variant)}")
   return VARIANTS[cfg.variant]
 
 
@@ -412,6 +487,11 @@ def _init_target(cfg: LoraConfig, kind: str, w, key, shared: Shared):
   if set(t) != set(entry.trainable) or set(f) != set(entry.frozen):
     raise ValueError(f"lora.VARIANTS[{cfg.variant!r}]: init returned trainable {sorted(t)} and frozen {sorted(f)}, "
                      f"its entry declares {sorted(entry.trainable)} and {sorted(entry.frozen)}")
+  for col, tensors, declared in ((TRAINABLE, t, entry.trainable), (FROZEN, f, entry.frozen)):
+    wrong = [n for n, x in tensors.items() if jnp.ndim(x) != len(declared[n])]  # sharding would fail obscurely
+    if wrong:
+      raise ValueError(f"lora.VARIANTS[{cfg.variant!r}]: init returned {col} {wrong[0]!r} of shape "
+                       f"{jnp.shape(tensors[wrong[0]])}, its entry declares the axes {declared[wrong[0]]}")
   return _collections(t, f)
 
 
