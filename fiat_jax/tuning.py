@@ -1,6 +1,6 @@
 """`fiat train`: Algorithm 1 (building), in `build`: generate_rationales (β, stored once) -> format_with_i_tau (the
 seqio task of the recipe, experiment.py) -> train.train (the gradient w.r.t. the PEFT parameters only) -> merge
-when τ is exported. `fiat evaluate` is in evaluation.py; Algorithm 2 (inference, `fiat infer`) in infer.py: β's
+when τ is exported. `fiat evaluate` is in evaluation.py; Algorithm 2 (inference, `fiat infer`) in inference.py: β's
 rationale (from the store, else from the backend) -> τ's inputs -> greedy decoding with the merged θ'_τ -> answer
 and score.
 """

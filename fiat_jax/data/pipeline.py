@@ -19,7 +19,7 @@ from fiat_jax import config_check
 from fiat_jax.data import readers
 from fiat_jax.beta import store
 
-# Which ingredients each recipe's inputs carry (FIDELITY.md; Table 3 rows are combinations).
+# Which ingredients each recipe's inputs carry (docs/paper_rows.md; Table 3 rows are combinations).
 RECIPES = ('fiat', 'no_cot', 'no_instruction', 'finetune', 'distilled_cot')
 INSTRUCTION_RECIPES = frozenset({'fiat', 'no_cot', 'distilled_cot'})
 RATIONALE_INPUT_RECIPES = frozenset({'fiat', 'no_instruction'})
