@@ -6,8 +6,8 @@ outputs) and fails, naming each file and line, when one
   - names a repository path (`docs/...`, `fiat_jax/...`, `gin_configs/...`, `tasks/...`, `tests/...`,
     `benchmarks/...`, `launch/...`) or a gin file relative to `gin_configs/` (`runs/...gin`, `recipes/...gin`,
     ...) that does not exist;
-  - names a Python module (`something.py`) that no tracked file is called, such as a module's name from before
-    it moved;
+  - names a Python module (`something.py`, or dotted: `fiat_jax.data.pipeline`) that the repository does not
+    have, such as a module's name from before it moved;
   - in Markdown, links to a relative path that does not exist or lies outside the repository, or to a heading
     anchor that the target file does not have.
 Paths with placeholders (`<setting>`, `*`, `{lang}`, `$VAR`) are not checked. ALLOWED lists the references that
@@ -134,6 +134,36 @@ def test_python_module_names_exist():
          for m in MODULE_RE.finditer(line)
          if m.group(1) not in BASENAMES and not _allowed(rel, m.group(1))]
   assert not bad, _report(bad, 'names of Python modules that no file of the repository has (moved or renamed?)')
+
+
+DOTTED_RE = re.compile(r'(?<![\w.])((?:fiat_jax|tasks)(?:\.\w+)+)')
+
+
+def _module_exists(dotted: str) -> bool:
+  """`fiat_jax.data.pipeline.TaskData` exists if some prefix is a module and the packages above it exist; a name
+  after a package that is no module must appear in the package's __init__.py (an attribute)."""
+  parts = dotted.split('.')
+  path = parts[0]
+  for part in parts[1:]:
+    if os.path.isfile(os.path.join(ROOT, path, part + '.py')):
+      return True
+    if os.path.isdir(os.path.join(ROOT, path, part)):
+      path = os.path.join(path, part)
+      continue
+    init = os.path.join(ROOT, path, '__init__.py')
+    if not os.path.isfile(init):
+      return False
+    with open(init, encoding='utf-8') as f:
+      return re.search(r'\b' + re.escape(part) + r'\b', f.read()) is not None
+  return True
+
+
+def test_dotted_module_names_exist():
+  bad = [f'{rel}:{n}: {m.group(1)}' for rel, lines in TEXTS for n, line in enumerate(lines, 1)
+         for m in DOTTED_RE.finditer(line)
+         if not m.group(1).startswith('fiat_jax.gin_configs')  # setup.py's package for gin_configs/
+         and not _module_exists(m.group(1)) and not _allowed(rel, m.group(1))]
+  assert not bad, _report(bad, 'dotted module names that no module of the repository has (moved or renamed?)')
 
 
 def _anchors(path: str) -> set[str]:
