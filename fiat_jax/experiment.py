@@ -41,7 +41,7 @@ ADAPTER_KEY = 'adapter_config'
 @dataclasses.dataclass(frozen=True)
 @config_check.typed
 class Recipe:
-  """FIAT's ingredients (FIDELITY.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
+  """FIAT's ingredients (docs/paper_rows.md): Table 3's rows switch them off cumulatively; method 'icl' is β alone."""
   method: str = 'tau'  # tau: train τ | icl: β's few-shot CoT answers, nothing trained
   rationale: str = 'input'  # input: [I_τ; x; ŷ_β] | none | distilled: a second training target (Hsieh et al.)
   instruction: bool = True  # instruction-augmented tuning (I_τ)

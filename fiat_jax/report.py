@@ -86,7 +86,7 @@ def _value(runs, setting, row, size, key):
 
 
 def gain_cell(runs: dict, setting: str, size: str) -> str:
-  """FIAT minus the better of ICL and fine-tuning of the same τ size (FIDELITY.md)."""
+  """FIAT minus the better of ICL and fine-tuning of the same τ size (docs/paper_rows.md, "Table 2")."""
   definition = _definition(runs, setting)
   keys = definition.HEADLINE_KEYS if definition else ()
   parts = []

@@ -20,7 +20,8 @@ XOR = os.path.join(TESTDATA, 'xor_attriqa')
 XQA = os.path.join(TESTDATA, 'xtreme_up')
 MACROS = ["DATA_DIR='{data}'", "RUNS_DIR='{runs}'", "STORE_DIR='{store}'", "BETA_URL='http://127.0.0.1:1/v1'",
           "BETA_MODEL='big'", 'PEFT_LR=1e-3', 'FULL_LR=1e-4', 'RATIONALE_LENGTH=128']
-# Table 3's rows switch ingredients off cumulatively (FIDELITY.md): (data recipe, peft, instruction-tuned base).
+# Table 3's rows switch ingredients off cumulatively (docs/paper_rows.md): (data
+# recipe, peft, instruction-tuned base).
 EXPECTED = {'fiat': ('instruction_rationale', True, True), 'wo_cot': ('instruction', True, True),
             'wo_instruction': ('plain', True, True), 'wo_peft': ('plain', False, True), 'wo_it_base': ('plain', False, False),
             'finetune': ('plain', False, False), 'distilled_cot': ('distilled_cot', True, True),

@@ -16,7 +16,7 @@ from fiat_jax.model import vocab
 
 transformers = pytest.importorskip("transformers")
 
-# Bengali, Devanagari, Japanese, Cyrillic, Telugu, Latin (DATA.md), with digits, punctuation and odd spacing.
+# Bengali, Devanagari, Japanese, Cyrillic, Telugu, Latin (docs/data.md, fixtures), with digits, punctuation and odd spacing.
 TEXTS = ["আমি বাংলায় গান গাই। প্রশ্ন: রাজধানী কোথায়?", "नमस्ते, आप कैसे हैं? मैं ठीक हूँ।", "東京は日本の首都です。今日は晴れ。",
          "Москва — столица России, основана в 1147 году.", "తెలుగు ఒక ద్రావిడ భాష. సమాధానం లేదు",
          "The quick brown fox isn't lazy , is it ? Answer: No Answer", "Hyvää huomenta, mitä kuuluu?",

@@ -14,7 +14,7 @@ hand-written forms on the CPU.
   reference     plain jnp, autodiff.
 
 With a KV cache (prefill and decoding) attention reads an explicit mask over the cache's slots: splash cannot hold
-it, so there it is "xla_chunked"; every other kernel takes the mask as it is. Axis legend as in model.py.
+it, so there it is "xla_chunked"; every other kernel takes the mask as it is. Axis legend as in transformer.py.
 """
 from absl import flags
 import jax

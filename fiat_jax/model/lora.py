@@ -1,4 +1,4 @@
-"""LoRA and its variants (rsLoRA, DoRA, PiSSA, VeRA) as the projection modules of model.py, plus init, merge
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA, VeRA) as the projection modules of transformer.py, plus init, merge
 (θ'_τ = θ_τ ⊕ θ_PEFT), unmerge and parameter counts.
 
 The base tree (`params`) is never touched: a variant's trainable tensors live in the `lora` collection and those it

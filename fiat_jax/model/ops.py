@@ -4,7 +4,7 @@ attention.py picks attention by backend (`Config.kernels`); on the CPU its "fuse
 LoRA products and plain projections, are the custom VJPs here, shaped for XLA's CPU backend (why each is shaped as
 it is, with its measurements: benchmarks/README.md). On GPUs and TPUs the same calls take the plain forms, whose
 autodiff XLA's accelerator backends schedule well: a CPU-only speed-up never becomes an accelerator's path.
-Axis legend as in model.py.
+Axis legend as in transformer.py.
 """
 import functools
 import math
