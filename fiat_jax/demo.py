@@ -38,24 +38,24 @@ import jax
 import numpy as np
 import seqio
 
-from fiat_jax.training import batches as batches_lib
-from fiat_jax import cli
-from fiat_jax import commands
-from fiat_jax.data import formatting
-from fiat_jax.model import decoding
-from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
-from fiat_jax import evaluation
-from fiat_jax import experiment
-from fiat_jax.data import metrics
-from fiat_jax import miniature
-from fiat_jax.model import transformer as model_lib
-from fiat_jax.training import optim
-from fiat_jax.data import readers
-from fiat_jax import report
-from fiat_jax import tuning
-from fiat_jax.training import train
 from fiat_jax.beta import prompts
 from fiat_jax.beta import store
+from fiat_jax import cli
+from fiat_jax import commands
+from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
+from fiat_jax.data import formatting
+from fiat_jax.data import metrics
+from fiat_jax.data import readers
+from fiat_jax import evaluation
+from fiat_jax import experiment
+from fiat_jax import miniature
+from fiat_jax.model import decoding
+from fiat_jax.model import transformer as model_lib
+from fiat_jax import report
+from fiat_jax.training import batches as batches_lib
+from fiat_jax.training import optim
+from fiat_jax.training import train
+from fiat_jax import tuning
 
 SIZES = {'train': 100, 'validation': 60, 'test': 200}
 OUTPUTS = ('world', 'runs', 'rationales', 'report')  # what the demo writes under --out_dir

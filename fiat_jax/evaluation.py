@@ -7,15 +7,15 @@ import gin
 import jax
 import numpy as np
 
-from fiat_jax import cli
-from fiat_jax.data import pipeline
-from fiat_jax.model import decoding
-from fiat_jax import experiment
-from fiat_jax.model import transformer as model_lib
-from fiat_jax.data import readers
-from fiat_jax import run_files
 from fiat_jax.beta import rationales as beta_run
 from fiat_jax.beta import store
+from fiat_jax import cli
+from fiat_jax.data import pipeline
+from fiat_jax.data import readers
+from fiat_jax import experiment
+from fiat_jax.model import decoding
+from fiat_jax.model import transformer as model_lib
+from fiat_jax import run_files
 import tasks
 
 

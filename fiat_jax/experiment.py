@@ -19,7 +19,6 @@ import seqio
 
 from fiat_jax import commands
 from fiat_jax import config_check
-from fiat_jax import run_files
 from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.model import hf
@@ -27,6 +26,7 @@ from fiat_jax.model import lora as lora_lib
 from fiat_jax.model import stacking
 from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import vocab as vocab_lib
+from fiat_jax import run_files
 
 TRAINABLE_FILE = 'trainable.msgpack'  # the selected θ_PEFT (or all of θ_τ for full fine-tuning)
 TAU_CONFIG_FILE = 'tau.json'  # the adapter config, base and selected step of TRAINABLE_FILE

@@ -7,14 +7,14 @@ from typing import Optional
 import gin
 import jax
 
-from fiat_jax import cli
-from fiat_jax import evaluation
-from fiat_jax import experiment
-from fiat_jax.model import transformer as model_lib
-from fiat_jax.data import readers
 from fiat_jax.beta import backends
 from fiat_jax.beta import rationales as beta_run
 from fiat_jax.beta import store
+from fiat_jax import cli
+from fiat_jax.data import readers
+from fiat_jax import evaluation
+from fiat_jax import experiment
+from fiat_jax.model import transformer as model_lib
 import tasks
 
 

@@ -13,8 +13,8 @@ import random
 
 import numpy as np
 
-from fiat_jax.data import readers
 from fiat_jax.beta import prompts
+from fiat_jax.data import readers
 
 LANGUAGES = ('bn', 'hi', 'mr', 'ur', 'ru')
 RELATIONS = ('friend', 'sister', 'teacher')

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Optional
 
-import tasks
 from fiat_jax import commands
+import tasks
 
 SETTINGS = ('xor_attriqa', 'xtreme_up_indic', 'xtreme_up_full', 'miniature')
 SETTING_TITLES = {'xor_attriqa': 'XOR-AttriQA O(100) Acc / AUC-PR', 'xtreme_up_indic': 'XTREME-UP Indic O(1000) F1',

@@ -15,18 +15,18 @@ import gin
 import jax
 import numpy as np
 
-from fiat_jax.training import batches as batches_lib
+from fiat_jax.beta import rationales as beta_run
 from fiat_jax import cli
 from fiat_jax.data import pipeline
-from fiat_jax.training import distributed
+from fiat_jax.data import readers
 from fiat_jax import evaluation
 from fiat_jax import experiment
 from fiat_jax.model import lora as lora_lib
 from fiat_jax.model import transformer as model_lib
-from fiat_jax.data import readers
 from fiat_jax import run_files
+from fiat_jax.training import batches as batches_lib
+from fiat_jax.training import distributed
 from fiat_jax.training import train
-from fiat_jax.beta import rationales as beta_run
 
 
 # ---- Algorithm 1 ---------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import os
 
 import gin
 
-from fiat_jax.data import readers
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
 from fiat_jax.beta import rationales as beta_run
+from fiat_jax.data import readers
 
 
 def _rationale(shown: str) -> str:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import seqio
 
-from fiat_jax.training import batches
 from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.data import readers
+from fiat_jax.training import batches
 
 XQA = os.path.join(os.path.dirname(__file__), 'testdata', 'xtreme_up')
 VOCAB = seqio.ByteVocabulary()

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
+from fiat_jax.model import sharding
 from fiat_jax.training import checkpoint
 from fiat_jax.training import optim
-from fiat_jax.model import sharding
 from fiat_jax.training import train
 import helpers
 import test_train

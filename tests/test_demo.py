@@ -2,12 +2,11 @@
 import json
 import os
 
-from fiat_jax.model import decoding
-from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
+from fiat_jax.beta import store
+from fiat_jax.data import readers
 from fiat_jax import demo
 from fiat_jax import miniature
-from fiat_jax.data import readers
-from fiat_jax.beta import store
+from fiat_jax.model import decoding
 
 
 def test_agreement_row_counts_normalised_equal_answers_and_distinct_ones():

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from fiat_jax.model import decoding
 from fiat_jax.beta import backends
 from fiat_jax.beta import serve
+from fiat_jax.model import decoding
 
 KEY = "sk-fiat-faults-5e4d3c"
 HI = [{"role": "user", "content": "hi"}]

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from fiat_jax.beta import store
 from fiat_jax.training import optim
 from fiat_jax.training import train
-from fiat_jax.beta import store
 import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,8 @@ import pytest
 
 from fiat_jax.model import decoding
 from fiat_jax.model import hf
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

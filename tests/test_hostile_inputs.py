@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
-from fiat_jax.data import scoring
 from fiat_jax.data import readers
+from fiat_jax.data import scoring
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 XOR_TEST = os.path.join(TESTDATA, 'xor_attriqa', 'in-language', 'ja.jsonl')  # labels: True, False, True

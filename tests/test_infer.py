@@ -6,13 +6,13 @@ import os
 import gin
 import pytest
 
+from fiat_jax.beta import store
 from fiat_jax import cli
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
+from fiat_jax.data import readers
 from fiat_jax import experiment
 from fiat_jax import inference
-from fiat_jax.data import readers
 from fiat_jax import tuning
-from fiat_jax.beta import store
 import store_helpers
 from test_recipes import XQA, write_store
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import ops
-from fiat_jax.training import optim
 from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import optim
 from fiat_jax.training import train
 import helpers
 

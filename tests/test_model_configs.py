@@ -9,9 +9,9 @@ import gin
 import jax
 import pytest
 
+from fiat_jax import configurables  # noqa: F401  (every configurable the gin files name, as `fiat` has them)
 from fiat_jax.model import hf
 from fiat_jax.model import transformer as model_lib
-from fiat_jax import configurables  # noqa: F401  (every configurable the gin files name, as `fiat` has them)
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models")
 

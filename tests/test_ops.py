@@ -8,9 +8,9 @@ import pytest
 
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax.model import lora as lora_lib
-from fiat_jax.training import losses
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import ops
+from fiat_jax.model import transformer as model_lib
+from fiat_jax.training import losses
 from fiat_jax.training import train
 import helpers
 from test_model import VARIANTS

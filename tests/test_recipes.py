@@ -8,11 +8,11 @@ import pytest
 
 from fiat_jax import cli
 from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as fiat has them)
-from fiat_jax import experiment
 from fiat_jax.data import formatting
 from fiat_jax.data import readers
-from fiat_jax import tuning
+from fiat_jax import experiment
 from fiat_jax.training import train
+from fiat_jax import tuning
 import store_helpers
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')

@@ -1,10 +1,8 @@
 """`fiat report`: Table 2 / Table 3 / appendix / Figure 4 / reliance tables and Figures 3 and 5 from run dirs."""
 import csv
 import json
-import os
 
 from fiat_jax.data import metrics
-from fiat_jax import configurables  # noqa: F401  (every configurable a gin file may name, as `fiat` has them)
 from fiat_jax import report
 
 LANGS = ['as', 'hi', 'mr', 'as', 'hi', 'mr', 'as', 'mr']

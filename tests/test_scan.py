@@ -10,8 +10,8 @@ import pytest
 from fiat_jax.model import hf
 from fiat_jax.model import hf_export
 from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import stacking
+from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import train
 import helpers
 from test_model import VARIANTS

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
 import helpers
 
 MESHES = [dict(data=8), dict(data=2, model=4), dict(data=1, fsdp=8), dict(data=2, fsdp=2, model=2)]

@@ -7,10 +7,10 @@ import gin
 import pytest
 import seqio
 
+from fiat_jax.beta import store
 from fiat_jax.data import formatting
 from fiat_jax.data import pipeline
 from fiat_jax.data import readers
-from fiat_jax.beta import store
 import store_helpers
 import tasks
 from tasks import xor_attriqa

@@ -11,11 +11,11 @@ import pytest
 
 from fiat_jax.model import decoding
 from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import loop
 from fiat_jax.training import losses
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import optim
-from fiat_jax.model import sharding
 from fiat_jax.training import train
 import helpers
 

@@ -10,10 +10,10 @@ import time
 
 import gin
 
-from fiat_jax import cli
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
 from fiat_jax.beta import store
+from fiat_jax import cli
 
 SPLITS = ("train", "validation", "test")
 

@@ -19,10 +19,10 @@ import uuid
 
 import gin
 
-from fiat_jax import cli
 from fiat_jax.beta import api_checks
 from fiat_jax.beta import backends
 from fiat_jax.beta import prompts
+from fiat_jax import cli
 
 FAULT_KINDS = ("429", "500", "malformed", "stall")
 MIN_DECODE_STEPS = 16

@@ -11,9 +11,9 @@ import os
 import time
 from typing import NamedTuple, Sequence
 
+from fiat_jax.beta import prompts
 from fiat_jax.data import readers
 from fiat_jax import run_files
-from fiat_jax.beta import prompts
 
 SHARD_GLOB = "shard-*.jsonl"
 FIELDS = ("key", "example_id", "task", "split", "language", "input_hash", "i_beta_version", "beta", "sampling",

@@ -8,8 +8,8 @@ from typing import Callable, Optional
 
 import seqio
 
-import tasks
 from fiat_jax.data import readers
+import tasks
 
 # The data recipes: what τ's inputs carry (the suffix of the seqio task names). Table 3's rows remove ingredients
 # cumulatively (docs/paper_rows.md): FIAT reads 'instruction_rationale', "w/o CoT-augmented tuning" 'instruction',

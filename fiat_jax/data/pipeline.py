@@ -18,11 +18,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-import tasks
-from fiat_jax import config_check
 from fiat_jax.beta import store
+from fiat_jax import config_check
 from fiat_jax.data import formatting
 from fiat_jax.data import readers
+import tasks
 
 SOURCES = ('files', 'tfds')
 # Text features every task yields next to inputs / targets.

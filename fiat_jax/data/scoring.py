@@ -5,9 +5,9 @@ import math
 import sys
 from typing import Optional, Sequence
 
-import tasks
 from fiat_jax import commands
 from fiat_jax.data import readers
+import tasks
 
 
 def read_predictions(path: str) -> list[dict]:

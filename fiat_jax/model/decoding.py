@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import ops
+from fiat_jax.model import transformer as model_lib
 
 
 class GenerateResult(typing.NamedTuple):

@@ -10,9 +10,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import sharding as sharding_lib
 from fiat_jax.model import stacking
+from fiat_jax.model import transformer as model_lib
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
              "Gemma3ForCausalLM")

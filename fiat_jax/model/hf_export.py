@@ -13,8 +13,8 @@ from jax.experimental import multihost_utils
 
 from fiat_jax.model import hf
 from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import stacking
+from fiat_jax.model import transformer as model_lib
 
 _MODEL_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}

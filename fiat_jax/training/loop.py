@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from fiat_jax.model import sharding
 from fiat_jax.training import checkpoint
 from fiat_jax.training import logs
-from fiat_jax.model import sharding
 
 
 class Start(typing.NamedTuple):

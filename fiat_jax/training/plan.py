@@ -26,8 +26,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
 
 GiB = 2 ** 30
 

@@ -26,16 +26,16 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fiat_jax.training import checkpoint
 from fiat_jax import config_check
+from fiat_jax.model import lora as lora_lib
+from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
+from fiat_jax import run_files
+from fiat_jax.training import checkpoint
+from fiat_jax.training import logs
 from fiat_jax.training import loop
 from fiat_jax.training import losses
-from fiat_jax.model import lora as lora_lib
-from fiat_jax.model import transformer as model_lib
 from fiat_jax.training import optim as optim_lib
-from fiat_jax import run_files
-from fiat_jax.model import sharding
-from fiat_jax.training import logs
 
 MODES = ("peft", "full")
 
