@@ -103,9 +103,11 @@ def _plan(ap):
 
 _RUN = '--gin_file=runs/xtreme_up_indic/xs_fiat.gin --gin_file=beta/http.gin --gin.DATA_DIR="\'/data/xtreme_up\'" ...'
 MODES = {
-    'rationales': Mode('fiat_jax.beta.rationales:main', True, "β writes a rationale for every example of the run's data "
-                       'set into the resumable store (Algorithm 1, step 1)', f'fiat rationales {_RUN}', _rationales),
-    'icl': Mode('fiat_jax.beta.rationales:icl_main', True, 'the few-shot in-context-learning baseline: β answers alone',
+    'rationales': Mode('fiat_jax.beta.rationales:main', True,
+                       "β writes a rationale for every example of the run's data set into the resumable store "
+                       '(Algorithm 1, step 1)', f'fiat rationales {_RUN}', _rationales),
+    'icl': Mode('fiat_jax.beta.rationales:icl_main', True,
+                'the few-shot in-context-learning baseline: β answers alone',
                 'fiat icl --gin_file=runs/xtreme_up_indic/icl.gin --gin_file=beta/http.gin ...'),
     'serve': Mode('fiat_jax.beta.serve:main', True, 'serves a local β checkpoint over an OpenAI-compatible HTTP API',
                   'fiat serve --gin_file=models/gemma-2-27b-it.gin --gin_file=beta/local.gin '
@@ -114,19 +116,21 @@ MODES = {
                   '(F1 / EM or accuracy / AUC-PR, per language, bootstrap intervals)',
                   'fiat score --task=xtreme_up_xqa --gold=/data/xtreme_up --predictions=answers.jsonl', _score,
                   gin=False),
-    'train': Mode('fiat_jax.tuning:train_main', True, "Algorithm 1: β's rationales, I_τ formatting, LoRA tuning of τ, "
-                  'checkpoint selection on validation, test scores', f'fiat train {_RUN}', _train),
+    'train': Mode('fiat_jax.tuning:train_main', True,
+                  "Algorithm 1: β's rationales, I_τ formatting, LoRA tuning of τ, checkpoint selection on "
+                  'validation, test scores', f'fiat train {_RUN}', _train),
     'evaluate': Mode('fiat_jax.evaluation:evaluate_main', True, 'scores a trained run again on a split (with '
                      '--reliance: also with empty and shuffled rationales)', f'fiat evaluate {_RUN} --reliance',
                      _evaluate),
-    'infer': Mode('fiat_jax.inference:main', True, 'Algorithm 2: β reasons and the tuned τ answers, for a JSONL of new '
-                  'inputs', f'fiat infer {_RUN} --gin.infer.input_file="\'in.jsonl\'" '
+    'infer': Mode('fiat_jax.inference:main', True,
+                  'Algorithm 2: β reasons and the tuned τ answers, for a JSONL of new inputs',
+                  f'fiat infer {_RUN} --gin.infer.input_file="\'in.jsonl\'" '
                   '--gin.infer.output_file="\'out.jsonl\'"'),
     'report': Mode('fiat_jax.report:main', False, "the paper's Tables 2 and 3 and its figures from a runs directory",
                    'fiat report --runs_dir=/runs', _report, gin=False),
-    'plan': Mode('fiat_jax.training.plan:main', False, "memory per device of a model's training and decoding on a mesh: does "
-                 'the run fit', 'fiat plan --gin_file=models/gemma-2-2b-it.gin --mesh=data=1,fsdp=8,model=1',
-                 _plan),
+    'plan': Mode('fiat_jax.training.plan:main', False,
+                 "memory per device of a model's training and decoding on a mesh: does the run fit",
+                 'fiat plan --gin_file=models/gemma-2-2b-it.gin --mesh=data=1,fsdp=8,model=1', _plan),
 }
 DISTRIBUTED_FLAGS = {  # popped by fiat_jax.training.distributed before the mode parses (names: distributed.FLAGS)
     'coordinator_address': 'host:port of process 0 (default: FIAT_COORDINATOR_ADDRESS, a Cloud TPU VM\'s '
