@@ -99,7 +99,7 @@ def test_tpu_launch_against_a_fake_gcloud_creates_copies_runs_and_streams(tmp_pa
   r = _bash(TPU, args, env=env)
   assert r.returncode == 3, r.stderr  # the run's own exit code
   assert "fiat on the worker: " + " ".join(FIAT) + " (TFDS_DATA_DIR=/d)" in r.stdout and "step 20 done" in r.stdout
-  assert (home / "fiat-jax" / "fiat_jax" / "distributed.py").exists()  # the checkout was copied and unpacked
+  assert (home / "fiat-jax" / "fiat_jax" / "training" / "distributed.py").exists()  # the checkout was copied and unpacked
   assert (home / "fiat-logs" / "r1.rc").read_text().strip() == "3"
   calls = (tmp_path / "calls").read_text().splitlines()
   assert [c.split()[0] for c in calls] == ["describe", "create", "scp", "ssh", "ssh", "ssh"]
