@@ -1,5 +1,5 @@
 """On 8 fake CPU devices: splash under shard_map (Pallas interpret mode) equals the single-device splash and the
-reference, gathers no q / k / v, and refuses a batch or kv-head count the mesh does not divide."""
+reference, gathers no q / k / v, runs through the model, and refuses a kv-head count the mesh does not divide."""
 import functools
 
 import jax
@@ -9,6 +9,8 @@ import pytest
 
 from fiat_jax.model import attention
 from fiat_jax.model import sharding
+from fiat_jax.model import transformer as model_lib
+import helpers
 
 B, L, H, K, E = 4, 128, 4, 2, 16  # splash's smallest block is 128
 
@@ -63,3 +65,19 @@ def test_sharded_splash_refuses_what_the_mesh_does_not_divide():
   with sharding.activation_rules(mesh), pytest.raises(
       ValueError, match=r"Config.kernels='splash' on mesh .*kv heads 2 over \('model',\) \(8 shards\)"):
     jax.jit(functools.partial(_out_and_grads, "splash")).lower(q, k, v, seg)
+
+
+def test_sharded_splash_through_the_model_equals_single_device():
+  """A tiny model (GQA 4 / 2 heads) on data=2, fsdp=2, model=2: logits within 5e-5 of one device (measured 2.2e-5,
+  largest logit 4.4; the reference kernel on that mesh: 2.0e-5, the sharded matmuls sum in another order)."""
+  cfg = model_lib.tiny_config(kernels="splash")
+  params = helpers.tiny_params(cfg)
+  tokens = np.asarray(jnp.arange(1, B * L + 1).reshape(B, L) * 7 % cfg.vocab_size)
+  logits = jax.jit(lambda p, t: model_lib.Transformer(cfg).apply({"params": p}, t)[0])
+  want = logits(params, tokens)
+  mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+  p = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+  t = sharding.global_batch({"t": tokens}, mesh)["t"]
+  with sharding.activation_rules(mesh):
+    got = logits(p, t)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5)
