@@ -19,9 +19,9 @@ hand-written forms on the CPU.
 With a KV cache (prefill and decoding) attention reads an explicit mask over the cache's slots: splash cannot hold
 it, so there it is "xla_chunked"; every other kernel takes the mask as it is. Axis legend as in transformer.py.
 """
-from absl import flags
 import math
 
+from absl import flags
 import flax.linen as nn
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
