@@ -6,6 +6,9 @@ hand-written forms on the CPU.
                 for splash) falls to "xla_chunked", never to a CPU-only form.
   splash        JAX's Pallas TPU splash attention (segment ids, causal or sliding-window block masks, soft-capping,
                 GQA as one multi-query kernel per kv head); on a CPU it runs in Pallas' interpret mode (tests only).
+                On a multi-device mesh it runs under jax.shard_map (batch and heads split as the logical-axis rules
+                split the activations), each device on its own shard: tested on 8 fake CPU devices in interpret
+                mode, not yet on a TPU.
   cudnn         jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention on NVIDIA GPUs.
   triton        tokamax's Pallas Triton flash attention (GPU).
   xla_chunked   tokamax's chunked XLA attention: memory linear in length on every backend (the TPU's prefix LM).
@@ -16,7 +19,10 @@ hand-written forms on the CPU.
 With a KV cache (prefill and decoding) attention reads an explicit mask over the cache's slots: splash cannot hold
 it, so there it is "xla_chunked"; every other kernel takes the mask as it is. Axis legend as in transformer.py.
 """
+import math
+
 from absl import flags
+import flax.linen as nn
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -92,6 +98,36 @@ def attend(q_BLHE, k_BKSE, v_BKSE, mask_BLS, *, segments, window, softcap, kerne
 
 
 def _splash(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap):
+  """Splash attention, under shard_map when a mesh of several devices is in context (jax.set_mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _splash_local(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap)
+  # A pallas_call is opaque to XLA's partitioner, which would gather q, k and v onto every device: split them by
+  # the rules the model's activations follow, batch (and segment ids) with the batch, kv heads with their groups.
+  batch, heads = _mesh_axes(mesh, "batch"), _mesh_axes(mesh, "kv_heads")
+  B, K = q_BLHE.shape[0], k_BKSE.shape[1]
+  n_batch, n_heads = math.prod(mesh.shape[a] for a in batch), math.prod(mesh.shape[a] for a in heads)
+  if B % n_batch or K % n_heads:
+    raise ValueError(f"Config.kernels='splash' on mesh {dict(mesh.shape)}: batch {B} over {batch} ({n_batch} "
+                     f"shards) and kv heads {K} over {heads} ({n_heads} shards) must divide evenly")
+  batch, heads = batch or None, heads or None
+  q_spec = jax.P(batch, None, heads, None)  # H = K * G, kv-head-major: a block of kv heads holds their groups
+  kv_spec = jax.P(batch, heads, None, None)
+  seg_spec = jax.P(batch, None)
+  local = lambda q, k, v, seg: _splash_local(q, k, v, seg, window, softcap)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, (seg_spec, seg_spec)), out_specs=q_spec,
+                       check_vma=False)(q_BLHE, k_BKSE, v_BKSE, tuple(segments))
+
+
+def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) the rules in context give the logical axis `logical`."""
+  spec = nn.logical_to_mesh_axes((logical,))
+  axes = spec[0] if spec else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _splash_local(q_BLHE, k_BKSE, v_BKSE, segments, window, softcap):
   """Splash attention: one multi-query kernel (G query heads against one kv head), vmapped over B and K."""
   B, L, H, E = q_BLHE.shape
   K, S = k_BKSE.shape[1], k_BKSE.shape[2]
