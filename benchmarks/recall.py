@@ -76,12 +76,13 @@ def copy_row(rng: random.Random, length: int) -> list[int]:
 
 def make_row(rng: random.Random, args, pairs: int) -> tuple[list[int], list[int]]:
   """One row of --task and its answer positions."""
-  if args.task == 'recall':
+  draw = rng.random() if args.task in ('mix', 'mix3') else 0.0
+  if args.task == 'recall' or (args.task == 'mix3' and draw < 1 / 3):
     row = recall_row(rng, pairs)
     return row, [len(row) - 1]
-  if args.task == 'dense' or (args.task == 'mix' and rng.random() < 0.5):
+  if args.task == 'dense' or (args.task in ('mix', 'mix3') and draw < 2 / 3):
     return dense_row(rng, pairs, args.key_tokens)
-  if args.task in ('repeat', 'mix'):
+  if args.task in ('repeat', 'mix', 'mix3'):
     return repeat_row(rng, 2 * pairs)
   row = copy_row(rng, 2 * args.pairs)
   return row, [len(row) - 1]
@@ -113,9 +114,10 @@ def pad(rows):
 
 
 def test_set(args, n: int = 500):
-  """--task mix is scored on dense rows (the look-up), the others on their own rows."""
+  """--task mix is scored on dense rows (the look-up), mix3 on recall rows (one question `? k =`), the others on
+  their own rows."""
   rng = random.Random(12345)
-  args = argparse.Namespace(**dict(vars(args), task='dense' if args.task == 'mix' else args.task))
+  args = argparse.Namespace(**dict(vars(args), task={'mix': 'dense', 'mix3': 'recall'}.get(args.task, args.task)))
   return pad([make_row(rng, args, args.pairs) for _ in range(n)])
 
 
@@ -220,7 +222,7 @@ def _cell(row: dict, side: str, key: str) -> str:
 
 def main(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--task', choices=('recall', 'dense', 'repeat', 'mix', 'copy'), default='recall')
+  ap.add_argument('--task', choices=('recall', 'dense', 'repeat', 'mix', 'mix3', 'copy'), default='recall')
   ap.add_argument('--steps', type=int, default=3000)
   ap.add_argument('--pairs', type=int, default=5)
   ap.add_argument('--min_pairs', type=int, default=2, help='the fewest pairs in a training row')
@@ -254,7 +256,7 @@ def main(argv):
     chance, test_rows = 1 / (VOCAB - KEY0), f'500 repeated sequences (a uniform guess'
   elif args.task in ('dense', 'mix'):
     chance, test_rows = 1 / VALUES, f'500 rows of {args.pairs} pairs, every value queried (a uniform guess'
-  elif args.task == 'recall':
+  elif args.task in ('recall', 'mix3'):
     chance, test_rows = 1 / args.pairs, f'500 rows of {args.pairs} pairs (any value of the row'
   else:
     chance, test_rows = 1 / (VOCAB - KEY0), f'500 sequences of {2 * args.pairs} tokens (a uniform guess'
