@@ -2,14 +2,18 @@
 a positional copy for contrast: fiat-jax's trainer step against Hugging Face transformers' LlamaForCausalLM, the
 same initial weights, the same batches, the same AdamW.
 
-The demo's premise 2 asks τ to answer "Where does P live?" from a passage: find "P lives in C" and copy C. The
-skill under that is associative recall: pairs `k v ,` (36 keys, 22 values: the miniature's names and cities)
-followed by a query `? k =`, answered with the value paired with k. Each row holds 2 .. --pairs pairs (the
-two-pair rows give a large gradient to any look-up at all); accuracy is scored on --pairs pairs, so choosing
-any value of the row scores 1 / --pairs. `--task copy` asks instead for a random sequence to be repeated (a
-fixed-offset copy: no look-up). The loss is taken on the answer token only; attention is causal on both sides.
+The demo's premise 2 asks τ to answer "Where does P live?" from a passage: find P and copy what follows. Tasks:
+  recall  pairs `k v ,` (36 keys, 22 values: the miniature's names and cities), then one query `? k =`, answered
+          with k's value; rows of --min_pairs .. --pairs pairs, scored on --pairs pairs (any value: 1 / --pairs).
+  dense   --pairs pairs `k v` (keys of --key_tokens tokens), then every key again in a shuffled order, each
+          followed by its value: the induction form `A B ... A -> B`, a loss on every queried value.
+  repeat  a random sequence of random length, then the same sequence (induction with a varying offset).
+  mix     half dense rows, half repeated sequences; scored on dense rows.
+  mix3    a third each of recall, dense and repeat rows; scored on recall rows (one question each).
+  copy    a random sequence, `=`, the sequence again (a fixed-offset copy: no look-up).
+Attention is causal; the loss is taken on the answers only (the whole second copy for repeat).
 
-  python benchmarks/recall.py [--task recall|copy] [--steps 3000 --pairs 5 --layers 2 --width 96 --lr 1e-3]
+  python benchmarks/recall.py [--task recall|dense|repeat|mix|mix3|copy] [--steps 3000 --pairs 5 --layers 2 ...]
 """
 import argparse
 import json
