@@ -76,7 +76,7 @@ def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, caps
   assert demo.main(['--quick', f'--out_dir={out}']) == 0
   printed = capsys.readouterr().out
   for title in ('| — | L | ICL |', '| XS | — | Fine-tune |', '| XS | L | FIAT |', 'w/o CoT-augmented tuning',
-                'w/o Instruction-augmented tuning', 'premise 2'):
+                'w/o Instruction-augmented tuning', 'premise 2', 'premise 1: β\'s few-shot two-hop test F1'):
     assert title in printed, title
   for k, (name, _, _) in enumerate(demo.ROWS):  # a progress line with an ETA before every row
     assert f'demo [{k + 6}/{len(demo.QUICK.seconds)}] {name}: elapsed ' in printed
@@ -116,3 +116,13 @@ def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, caps
     generator.update({(ex['question'], ex['context']): ex['rationale'] for ex in miniature.examples(n, k)})
   assert len(generator) == len(gold)
   assert not any(r['rationale'] == generator[(gold[i]['question'], gold[i]['context'])] for i, r in records.items())
+
+
+def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
+  with open(os.path.join(demo.READERS_DIR, 'manifest.json'), encoding='utf-8') as f:
+    manifest = json.load(f)
+  assert manifest['command'].startswith('python -m fiat_jax.demo pretrain')
+  assert manifest['steps'] == {'tau_base': 1200, 'beta': 300, 'tau_it': 300}
+  assert manifest['skills'] == {'instruction_tuned': 35.0, 'plain': 0.0}  # premise 2 not met (README, "The demo")
+  for name in ('tau_base', 'tau_it', 'beta'):
+    assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
