@@ -9,7 +9,7 @@ setuptools.setup(
     # (fiat_jax/gin_configs/), where cli.GIN_DIR finds them in an installed copy.
     packages=setuptools.find_packages(include=["fiat_jax", "fiat_jax.*", "tasks", "tasks.*"]) + ["fiat_jax.gin_configs"],
     package_dir={"fiat_jax.gin_configs": "gin_configs"},
-    package_data={"tasks": ["prompts/*"], "fiat_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    package_data={"tasks": ["prompts/*"], "fiat_jax": ["demo_readers/*", "demo_readers/*/*"], "fiat_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     python_requires=">=3.11",
     # Ranges are the ones the test suite was run with (lower bound = tested).
     install_requires=[

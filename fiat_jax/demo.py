@@ -1,19 +1,22 @@
 """`make demo`: FIAT end to end on the embedded miniature world (fiat_jax/miniature.py), on a 2-core CPU.
 
 1. The world: a two-hop cross-lingual QA release in the XTREME-UP layout (τ gets 100 labelled train examples),
-   I_β (instruction + one exemplar) and a SentencePiece tokenizer.
-2. β: a small model trained here on plenty of chain-of-thought text (standing in for a big model's emergent
-   reasoning), saved as a Hugging Face checkpoint and loaded back through `local_beta`, as a real β is.
-3. τ: a plain model (language modelling over passages and questions) and its instruction-tuned variant (the
-   plain one tuned on other tasks in the instruction style), both saved as checkpoints; how well each reads
-   (exact match on held-out one-hop English questions in that style: the paper's premise of a competent τ).
-4. The real recipes through gin_configs/demo.gin and `tuning.build`: few-shot ICL (β alone), fine-tuning the plain
+   I_β (instruction + one exemplar). Passages are ledgers whose every look-up has a one-token key directly followed
+   by the value looked up (`lives Ravi Pune.`).
+2. The readers, pre-trained once by `python -m fiat_jax.demo pretrain` and shipped in fiat_jax/demo_readers/ (with
+   the tokenizer and a manifest saying how), or here with --from_scratch: τ's plain base (language modelling over
+   passages dense with one-hop look-ups, a curriculum from one chain of facts to four), β (that reader trained on
+   plenty of chain-of-thought text, standing in for a big model's emergent reasoning; loaded through `local_beta`,
+   as a real β is) and τ's instruction-tuned variant (the base tuned on other tasks in the instruction style:
+   English one-hop questions). Premise 2: how well each τ reads (exact match on held-out one-hop questions).
+3. The real recipes through gin_configs/demo.gin and `tuning.build`: few-shot ICL (β alone), fine-tuning the plain
    τ, FIAT, FIAT without CoT-augmented tuning, and without instruction-augmented tuning too. β writes every
    rationale; nothing is copied from the generator.
-5. `fiat report`: a Table 2-style table, Table 3's rows that ran, Figure 3 and Figure 5; per row, how often τ's
-   answer equals β's and how many distinct answers it gives.
+4. `fiat report`: a Table 2-style table, Table 3's rows that ran, Figure 3 and Figure 5; per row, how often τ's
+   answer equals β's and how many distinct answers it gives; premise 1 (β's F1 above fine-tuning's) and 2.
 
-  python -m fiat_jax.demo [--out_dir=demo_out] [--quick]
+  python -m fiat_jax.demo [--out_dir=demo_out] [--quick] [--from_scratch]
+  python -m fiat_jax.demo pretrain [--out_dir=fiat_jax/demo_readers]
 """
 import os
 import sys
@@ -27,10 +30,12 @@ if __name__ == '__main__':  # as `fiat`: FIAT_GLIBC_MALLOC=reuse's settings befo
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
 import time
+from typing import Optional
 
 import flax.linen as nn
 import gin
@@ -67,27 +72,32 @@ ROWS = (('icl', 'icl', ['recipes/icl.gin']),
         ('xs_wo_instruction', 'wo_instruction',
          ['recipes/fiat.gin', 'recipes/no_cot.gin', 'recipes/no_instruction.gin']))
 READER_EXAMPLES, READER_SEED = 200, 404  # premise 2's held-out one-hop questions (not in τ's instruction data)
-READER_PREMISE = 90.0  # exact match (%) expected of a competent reader (the paper's premise 2)
+READER_PREMISE = 90.0
+LM_LR = 1e-3  # exact match (%) expected of a competent reader (the paper's premise 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-  """How much the demo trains: the full demo, or --quick (a smoke run of every step)."""
-  beta_examples: int = 8320  # 260 batches of 32: each chain of thought seen once
-  beta_steps: int = 260
-  tau_lm_steps: int = 100
+  """How much the demo trains: the readers' pre-training (`pretrain`, --from_scratch), and τ's steps per row."""
+  beta_examples: int = 9600  # 300 batches of 32: each chain of thought seen once
+  beta_steps: int = 300
+  tau_lm_steps: int = 1200
   tau_it_steps: int = 300
   tau_steps: int = 120
   # Seconds each stage took on an idle 2-core CPU (the ETA's prior; scaled by how fast this machine goes).
-  seconds: tuple = (('world', 5), ('beta', 325), ('tau_base', 21), ('tau_it', 65), ('reader', 10),
+  seconds: tuple = (('world', 5), ('tau_base', 400), ('beta', 120), ('tau_it', 60), ('reader', 10),
                     ('icl', 10), ('xs_finetune', 36), ('xs_fiat', 45), ('xs_wo_cot', 47),
                     ('xs_wo_instruction', 40), ('report', 5))
 
 
+# The demo as `make demo` runs it: the readers pre-trained by `python -m fiat_jax.demo pretrain` (READERS_DIR).
+LOADED = Scale(seconds=(('world', 3), ('readers', 1), ('reader', 10), ('icl', 10), ('xs_finetune', 36),
+                        ('xs_fiat', 45), ('xs_wo_cot', 47), ('xs_wo_instruction', 40), ('report', 5)))
 QUICK = Scale(beta_examples=200, beta_steps=4, tau_lm_steps=4, tau_it_steps=4, tau_steps=4,
-              seconds=(('world', 3), ('beta', 11), ('tau_base', 4), ('tau_it', 6), ('reader', 5), ('icl', 8),
+              seconds=(('world', 3), ('tau_base', 4), ('beta', 11), ('tau_it', 6), ('reader', 5), ('icl', 8),
                        ('xs_finetune', 14), ('xs_fiat', 18), ('xs_wo_cot', 12), ('xs_wo_instruction', 12),
                        ('report', 5)))
+READERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_readers')
 
 
 @dataclasses.dataclass
@@ -127,11 +137,6 @@ class _Once(logging.Filter):
     return True
 
 
-def beta_config(vocab_size: int) -> model_lib.Config:
-  return model_lib.Config(vocab_size=vocab_size, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4,
-                          head_dim=32, mlp_dim=384, tie_embeddings=False)
-
-
 def tau_config(vocab_size: int) -> model_lib.Config:
   return model_lib.Config(vocab_size=vocab_size, num_layers=3, embed_dim=96, num_heads=4, num_kv_heads=2,
                           head_dim=24, mlp_dim=256, tie_embeddings=False)
@@ -144,8 +149,10 @@ def tokenize_pairs(vocab: seqio.Vocabulary, pairs) -> list[dict]:
 
 
 def pretrain(name: str, cfg: model_lib.Config, examples: list[dict], steps: int, out_dir: str, *, lr: float,
-             params=None, batch_size: int = 32, seed: int = 0) -> dict:
-  """Trains every parameter of `cfg` on token examples (train.train, full mode); returns the trained params."""
+             params=None, batch_size: int = 32, seed: int = 0, ordered: bool = False, weight_decay: float = 0.0,
+             schedule: str = 'cosine') -> dict:
+  """Trains every parameter of `cfg` on token examples (train.train, full mode); returns the trained params.
+  ordered: the batches follow the examples' order (a curriculum), cycling, instead of a shuffled stream."""
   if params is None:
     params = nn.meta.unbox(model_lib.init_params(cfg, jax.random.PRNGKey(seed)))
   lengths = {'inputs': max(len(ex['inputs']) for ex in examples),
@@ -154,9 +161,15 @@ def pretrain(name: str, cfg: model_lib.Config, examples: list[dict], steps: int,
   tcfg = train.TrainConfig(mode='full', num_steps=steps, batch_size=batch_size, seed=seed, log_every=50,
                            save_every=steps, keep=1, tensorboard=False,
                            optim=optim.OptimConfig(learning_rate=lr, warmup_steps=max(1, steps // 20),
-                                                   schedule='cosine'))
-  batches = lambda start: batches_lib.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
-                                                      where=name)
+                                                   schedule=schedule, weight_decay=weight_decay))
+  if ordered:
+    chunks = max(1, len(examples) // batch_size)
+    batches = lambda start: (next(batches_lib.feature_batches(
+        examples[(k % chunks) * batch_size:(k % chunks + 1) * batch_size], lengths, batch_size, seed=seed, where=name))
+                             for k in itertools.count(start))
+  else:
+    batches = lambda start: batches_lib.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
+                                                        where=name)
   t0 = time.time()
   res = train.train(tcfg, cfg, params, batches, f'{name}-{len(examples)}', os.path.join(out_dir, 'train'))
   print(f'demo: {name}: {steps} steps on {len(examples)} examples in {time.time() - t0:.0f} s')
@@ -173,47 +186,115 @@ def reader_exact_match(cfg: model_lib.Config, params, vocab: seqio.Vocabulary, p
   return {'exact': exact, 'n': len(pairs), 'em': 100.0 * exact / len(pairs)}
 
 
-def build_world(out: str, scale: Scale, progress: Progress) -> dict:
-  """Writes the release, I_β, the tokenizer and the β / τ checkpoints; returns the demo.gin macros."""
+def world_tokenizer(folder: str, i_beta: list[dict]) -> str:
+  """The world's SentencePiece model (every name and city one piece); the same text, so the same model, each time."""
+  os.makedirs(folder, exist_ok=True)
+  prompt = miniature.cot_pairs(1, seed=101, i_beta=i_beta)[0][0]
+  return miniature.train_sentencepiece(os.path.join(folder, 'sp'), miniature.tokenizer_lines(
+      [formatting.load_i_tau('xtreme_up_xqa'), formatting.RATIONALE_HEADER, prompt]))
+
+
+def train_readers(folder: str, scale: Scale, progress: Progress, i_beta: list[dict]) -> dict:
+  """Pre-trains τ's plain base (reading text: passages dense with one-hop look-ups, from one chain of facts to
+  four), β (that reader, then plenty of chain-of-thought text) and τ's instruction-tuned variant (the base tuned on
+  one-hop questions in the instruction style), each written as a Hugging Face checkpoint under `folder` with the
+  tokenizer; a stage whose checkpoint is already there is loaded instead (every stage is seeded, so resuming
+  gives what one uninterrupted run gives). Returns each stage's seconds."""
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  sp_path = world_tokenizer(folder, i_beta)
+  vocab = seqio.SentencePieceVocabulary(sp_path)
+  cfg = tau_config(-(-vocab.vocab_size // 128) * 128)
+  plain = [('', text) for text in miniature.reading_texts(32 * max(scale.tau_lm_steps, 4), seed=303)]
+  stages = (('tau_base', None, plain, scale.tau_lm_steps, dict(seed=1, ordered=True, weight_decay=0.1)),
+            ('beta', 'tau_base', miniature.cot_pairs(scale.beta_examples, seed=101, i_beta=i_beta),
+             scale.beta_steps, dict(seed=3)),
+            ('tau_it', 'tau_base', miniature.instruction_pairs(32 * max(scale.tau_it_steps, 4), seed=202),
+             scale.tau_it_steps, dict(seed=2)))
+  params, seconds = {}, {}
+  for name, start, pairs, steps, kw in stages:
+    progress.stage(name)
+    t0, ckpt = time.time(), os.path.join(folder, name)
+    if os.path.exists(os.path.join(ckpt, 'model.safetensors')):
+      params[name] = jax.device_get(hf.load(ckpt)[1])
+    else:
+      params[name] = pretrain(name, cfg, tokenize_pairs(vocab, pairs), steps, os.path.join(folder, 'runs', name),
+                              lr=LM_LR, params=params.get(start), **kw)
+      miniature.export_hf(cfg, params[name], ckpt)
+    seconds[name] = round(time.time() - t0, 1)
+  shutil.rmtree(os.path.join(folder, 'runs'), ignore_errors=True)
+  return seconds
+
+
+def measure_readers(folder: str) -> dict:
+  """Premise 2: exact match of the instruction-tuned and the plain τ on the held-out one-hop questions."""
+  from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
+  vocab = seqio.SentencePieceVocabulary(os.path.join(folder, 'sp.model'))
+  reading = miniature.reading_pairs(READER_EXAMPLES, READER_SEED)
+  out = {}
+  for key, name in (('instruction_tuned', 'tau_it'), ('plain', 'tau_base')):
+    cfg, params = hf.load(os.path.join(folder, name))
+    out[key] = reader_exact_match(cfg, params, vocab, reading)
+  return out
+
+
+def build_world(out: str, scale: Scale, progress: Progress, readers_dir: Optional[str]) -> dict:
+  """Writes the release and I_β, trains the readers (or takes them from `readers_dir`), measures how well τ reads;
+  returns the demo.gin macros."""
   progress.stage('world')
   world = os.path.join(out, 'world')
   data_dir = miniature.write_release(os.path.join(world, 'data'), SIZES)
   i_beta_file, exemplars_file = miniature.write_i_beta(os.path.join(world, 'prompts'))
   i_beta = miniature.i_beta_messages(i_beta_file, exemplars_file)
-  cot = miniature.cot_pairs(scale.beta_examples, seed=101, i_beta=i_beta)
-  instructions = miniature.instruction_pairs(32 * max(scale.tau_it_steps, 4), seed=202)
-  plain = [('', ex['context'] + ' ' + ex['question']) for ex in miniature.examples(len(instructions), seed=303)]
-  sp_path = miniature.train_sentencepiece(
-      os.path.join(world, 'sp'), miniature.tokenizer_lines(
-          [formatting.load_i_tau('xtreme_up_xqa'), formatting.RATIONALE_HEADER, cot[0][0]]))
-  vocab = seqio.SentencePieceVocabulary(sp_path)
-  size = -(-vocab.vocab_size // 128) * 128
-
-  progress.stage('beta')
-  beta_cfg = beta_config(size)
-  beta_params = pretrain('beta', beta_cfg, tokenize_pairs(vocab, cot), scale.beta_steps,
-                         os.path.join(world, 'beta_run'), lr=3e-3)
-  progress.stage('tau_base')
-  tau_cfg = tau_config(size)
-  base = pretrain('tau_base', tau_cfg, tokenize_pairs(vocab, plain), scale.tau_lm_steps,
-                  os.path.join(world, 'tau_base_run'), lr=3e-3, seed=1)
-  progress.stage('tau_it')
-  tuned = pretrain('tau_it', tau_cfg, tokenize_pairs(vocab, instructions), scale.tau_it_steps,
-                   os.path.join(world, 'tau_it_run'), lr=3e-3, params=base, seed=2)
+  folder = os.path.join(world, 'readers')
+  if readers_dir is None:
+    train_readers(folder, scale, progress, i_beta)
+  else:
+    progress.stage('readers')
+    shutil.copytree(readers_dir, folder)
+    with open(os.path.join(folder, 'manifest.json'), encoding='utf-8') as f:
+      manifest = json.load(f)
+    print(f'demo: readers from {readers_dir} (pre-trained by `{manifest["command"]}` at {manifest["commit"][:10]}, '
+          f'{manifest["wall_s"]:.0f} s on {manifest["device"]}); --from_scratch trains them here')
   progress.stage('reader')
-  reading = miniature.reading_pairs(READER_EXAMPLES, READER_SEED)
-  reader = {'instruction_tuned': reader_exact_match(tau_cfg, tuned, vocab, reading),
-            'plain': reader_exact_match(tau_cfg, base, vocab, reading)}
+  reader = measure_readers(folder)
   with open(os.path.join(world, 'reader.json'), 'w', encoding='utf-8') as f:
     json.dump(reader, f, indent=1)
   print(f'demo: premise 2, τ reads: held-out one-hop English questions in its instruction style, exact match '
         f'{reader["instruction_tuned"]["em"]:.1f}% instruction-tuned '
-        f'({reader["instruction_tuned"]["exact"]}/{len(reading)}), {reader["plain"]["em"]:.1f}% plain base')
-  return {'DATA_DIR': data_dir, 'MINIATURE_TOKENIZER': sp_path, 'MINIATURE_I_BETA': i_beta_file,
-          'MINIATURE_EXEMPLARS': exemplars_file,
-          'MINIATURE_BETA': miniature.export_hf(beta_cfg, beta_params, os.path.join(world, 'beta')),
-          'MINIATURE_TAU_BASE': miniature.export_hf(tau_cfg, base, os.path.join(world, 'tau_base')),
-          'MINIATURE_TAU_IT': miniature.export_hf(tau_cfg, tuned, os.path.join(world, 'tau_it'))}
+        f'({reader["instruction_tuned"]["exact"]}/{READER_EXAMPLES}), {reader["plain"]["em"]:.1f}% plain base')
+  return {'DATA_DIR': data_dir, 'MINIATURE_TOKENIZER': os.path.join(folder, 'sp.model'),
+          'MINIATURE_I_BETA': i_beta_file, 'MINIATURE_EXEMPLARS': exemplars_file,
+          'MINIATURE_BETA': os.path.join(folder, 'beta'), 'MINIATURE_TAU_BASE': os.path.join(folder, 'tau_base'),
+          'MINIATURE_TAU_IT': os.path.join(folder, 'tau_it')}
+
+
+def pretrain_command(out_dir: str) -> int:
+  """`python -m fiat_jax.demo pretrain`: the readers `make demo` loads, with a manifest of how they were made."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  scale = Scale()
+  progress = Progress(dict(scale.seconds))
+  prompts_dir = os.path.join(out_dir, 'prompts')
+  i_beta = miniature.i_beta_messages(*miniature.write_i_beta(prompts_dir))
+  seconds = train_readers(out_dir, scale, progress, i_beta)
+  shutil.rmtree(prompts_dir)
+  skills = measure_readers(out_dir)
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = 'unknown'
+  manifest = {'command': f'python -m fiat_jax.demo pretrain --out_dir={out_dir}', 'commit': commit,
+              'device': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax '
+                        f'{jax.default_backend()}',
+              'wall_s': round(time.time() - t0, 1), 'stage_seconds': seconds,
+              'steps': {'tau_base': scale.tau_lm_steps, 'beta': scale.beta_steps, 'tau_it': scale.tau_it_steps},
+              'skills': {k: v['em'] for k, v in skills.items()}}
+  with open(os.path.join(out_dir, 'manifest.json'), 'w', encoding='utf-8') as f:
+    json.dump(manifest, f, indent=1)
+  print(json.dumps(manifest, indent=1))
+  return 0
 
 
 def run_rows(out: str, macros: dict, scale: Scale, progress: Progress) -> None:
@@ -262,22 +343,50 @@ def agreement_markdown(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def row_f1(out: str, name: str) -> float:
+  with open(os.path.join(out, 'runs', 'miniature', name, 'metrics.json'), encoding='utf-8') as f:
+    return json.load(f)['test']['mean_over_languages']['f1']
+
+
+def premises(out: str) -> list[str]:
+  """The paper's premises as measured in this run, one line each: τ reads (premise 2; the plain base's figure
+  beside it) and β reasons better than τ learns from the 100 examples (premise 1: ICL's F1 above fine-tuning's)."""
+  with open(os.path.join(out, 'world', 'reader.json'), encoding='utf-8') as f:
+    reader = json.load(f)
+  tuned, plain = reader['instruction_tuned'], reader['plain']
+  verdict = ('met' if tuned['em'] >= READER_PREMISE else
+             'not met: τ does not read, so no τ row can show FIAT\'s advantage (README, "The demo")')
+  icl, finetune = row_f1(out, 'icl'), row_f1(out, 'xs_finetune')
+  return [f'demo: premise 2: the instruction-tuned τ answers {tuned["em"]:.1f}% of held-out one-hop English '
+          f'questions exactly before any FIAT tuning (the plain base {plain["em"]:.1f}%); a competent reader answers '
+          f'>= {READER_PREMISE:.0f}%: {verdict}.',
+          f'demo: premise 1: β\'s few-shot two-hop test F1 {icl:.1f} against {finetune:.1f} for fine-tuning τ on the '
+          f'{SIZES["train"]} examples: {"met" if icl > finetune else "not met"}.']
+
+
 def main(argv: list[str]) -> int:
   ap = argparse.ArgumentParser(prog='python -m fiat_jax.demo', description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--out_dir', default='demo_out')
+  ap.add_argument('command', nargs='?', choices=('run', 'pretrain'), default='run',
+                  help='run: the demo; pretrain: train the readers it loads (into --out_dir, default '
+                       f'{os.path.relpath(READERS_DIR)})')
+  ap.add_argument('--out_dir', default=None, help='default demo_out (run) or the packaged readers (pretrain)')
   ap.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke run, not results)')
+  ap.add_argument('--from_scratch', action='store_true', help='train the readers here instead of loading them')
   args = ap.parse_args(argv)
+  if args.command == 'pretrain':
+    return pretrain_command(args.out_dir or READERS_DIR)
+  args.out_dir = args.out_dir or 'demo_out'
   for path in sorted({f for _, _, files in ROWS for f in ['demo.gin'] + files}):
     cli.resolve_gin_file(path)  # a missing gin file ends the demo now, not after minutes of pre-training
-  scale = QUICK if args.quick else Scale()
+  scale = QUICK if args.quick else Scale() if args.from_scratch else LOADED
   once = _Once()
   logging.getLogger().addFilter(once)
   progress = Progress(dict(scale.seconds))
   try:
     for sub in OUTPUTS:  # a fresh world each time: stored rationales and checkpoints of an earlier one never mix in
       shutil.rmtree(os.path.join(args.out_dir, sub), ignore_errors=True)
-    macros = build_world(args.out_dir, scale, progress)
+    macros = build_world(args.out_dir, scale, progress, None if args.quick or args.from_scratch else READERS_DIR)
     run_rows(args.out_dir, macros, scale, progress)
     progress.stage('report')
     result = report.report(os.path.join(args.out_dir, 'runs'), os.path.join(args.out_dir, 'report'))
@@ -289,15 +398,11 @@ def main(argv: list[str]) -> int:
     logging.getLogger().removeFilter(once)
   print(result['markdown'])
   print('\n## How often τ answers as β does (test)\n\n' + table + '\n')
-  with open(os.path.join(args.out_dir, 'world', 'reader.json'), encoding='utf-8') as f:
-    reader = json.load(f)['instruction_tuned']
-  verdict = ('met' if reader['em'] >= READER_PREMISE else
-             'not met: τ does not read, so no τ row can show FIAT\'s advantage (README, "The demo")')
-  print(f'demo: premise 2: the instruction-tuned τ answers {reader["em"]:.1f}% of held-out one-hop English '
-        f'questions exactly before any FIAT tuning; a competent reader answers >= {READER_PREMISE:.0f}%: {verdict}.')
+  for line in premises(args.out_dir):
+    print(line)
   print(f'demo: done in {time.time() - progress.t0:.0f} s; tables and figures in '
-        f'{os.path.join(args.out_dir, "report")}. The miniature has no pretrained weights: it shows the '
-        'mechanism, not the paper\'s numbers.')
+        f'{os.path.join(args.out_dir, "report")}. The miniature\'s models are tiny and its world synthetic: it '
+        'shows the mechanism, not the paper\'s numbers.')
   return 0
 
 

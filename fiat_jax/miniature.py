@@ -1,11 +1,15 @@
 """The embedded miniature world: a synthetic multilingual two-hop QA task in the XTREME-UP cross-lingual QA layout.
 
-A passage (English) states who is whose friend / sister / teacher and where people live / work; a question in
-Bengali, Hindi, Marathi, Urdu or Russian asks where the friend / sister / teacher of someone lives or works.
-Answering takes two look-ups (who is the relative, then where that person lives or works) and the answer is a
-span of the passage, or `No Answer` when the passage does not say. The generator also writes the chain-of-thought
-text β is trained on, the I_β prompt files, an instruction-tuning mixture for τ (English one-hop questions: other
-tasks, the same instruction style) and a SentencePiece tokenizer. Nothing here is downloaded.
+An English passage is a ledger of facts, each written so that the person looked up is directly followed by what
+is looked up (the form `A B ... A -> B` a small Transformer learns in a few hundred updates: benchmarks/recall.py):
+`friend Asha Ravi.` (Ravi is the friend of Asha) and `lives Ravi Pune.` (Ravi lives in Pune). A question in
+Bengali, Hindi, Marathi, Urdu or Russian asks where the friend / sister / teacher of someone lives or works:
+two look-ups (Asha -> Ravi, then Ravi -> Pune), and `No Answer` when the passage does not say where that person
+lives or works. Every name and city is one token (a user-defined piece of the world's SentencePiece model), so
+every look-up has a one-token key. The generator also writes the chain of thought β learns from (the two facts,
+in the ledger's form), the I_β prompt files, the reading text τ is pre-trained on (passages with many one-hop
+questions each), τ's instruction-tuning mixture (English one-hop questions: other tasks, the instruction style)
+and the tokenizer. Nothing here is downloaded.
 """
 import json
 import os
@@ -19,7 +23,9 @@ from fiat_jax.data import readers
 LANGUAGES = ('bn', 'hi', 'mr', 'ur', 'ru')
 RELATIONS = ('friend', 'sister', 'teacher')
 ATTRIBUTES = ('live', 'work')
-ENGLISH = {'live': ('lives in', 'lives'), 'work': ('works in', 'works')}  # (fact, question)
+LEDGER = {'live': 'lives', 'work': 'works'}  # the ledger's word for a place fact
+ENGLISH = {'live': 'live', 'work': 'work'}  # "Where does P live?"
+UNKNOWN = 'unknown'  # the chain of thought's place when the passage gives none
 # {X} is the person asked about; every template is one (relation, attribute) question of one language.
 TEMPLATES = {
     'bn': {('friend', 'live'): '{X}-এর বন্ধু কোথায় থাকে?', ('friend', 'work'): '{X}-এর বন্ধু কোথায় কাজ করে?',
@@ -44,39 +50,54 @@ NAMES = ('Asha', 'Ravi', 'Mira', 'Omar', 'Lena', 'Ivan', 'Nina', 'Arun', 'Sara',
 CITIES = ('Pune', 'Delhi', 'Dhaka', 'Lahore', 'Kazan', 'Goa', 'Agra', 'Surat', 'Khulna', 'Multan', 'Omsk', 'Nagpur',
           'Patna', 'Sylhet', 'Quetta', 'Tomsk', 'Indore', 'Kochi', 'Rajshahi', 'Karachi', 'Samara', 'Jaipur')
 NO_ANSWER = readers.NO_ANSWER
+CHAINS = 3  # people asked about per passage (the question's chain and two distractors)
 I_BETA_INSTRUCTION = 'Think step by step in English, then answer with a place from the passage or No Answer.'
-COPY_INSTRUCTION = 'Copy, in order, every sentence of the passage that mentions the person.'
 IT_INSTRUCTION = ('Answer the question from the passage with a span copied from it. If the passage does not say, '
                   'reply "No Answer".')
 
 
-def make_example(rng: random.Random, language: str, answerable: bool) -> dict:
+def draw_chains(rng: random.Random, chains: int, answerable: bool) -> list[dict]:
+  """`chains` disjoint (person, relation, relative, attribute, city) chains; the first one's city is left out of
+  the passage when not answerable (and sometimes another's, so a missing place is not a tell)."""
+  people = rng.sample(NAMES, 2 * chains)
+  cities = rng.sample(CITIES, chains)
+  out = []
+  for i in range(chains):
+    out.append({'x': people[2 * i], 'rel': rng.choice(RELATIONS), 'p': people[2 * i + 1],
+                'attr': rng.choice(ATTRIBUTES), 'city': cities[i], 'stated': i > 0 or answerable})
+  for c in out[1:]:
+    c['stated'] = rng.random() < 0.75
+  return out
+
+
+def facts_of(chains: list[dict]) -> list[str]:
+  """The ledger's sentences of the chains (unordered)."""
+  facts = [f'{c["rel"]} {c["x"]} {c["p"]}.' for c in chains]
+  return facts + [f'{LEDGER[c["attr"]]} {c["p"]} {c["city"]}.' for c in chains if c['stated']]
+
+
+def chain_of_thought(c: dict) -> str:
+  """The two look-ups in the ledger's own form: `friend Asha Ravi. lives Ravi Pune.` (or `... Ravi unknown.`)."""
+  return f'{c["rel"]} {c["x"]} {c["p"]}. {LEDGER[c["attr"]]} {c["p"]} {c["city"] if c["stated"] else UNKNOWN}.'
+
+
+def make_example(rng: random.Random, language: str, answerable: bool, chains: int = CHAINS) -> dict:
   """One two-hop question with its passage, target and the gold chain of thought (the generator's, for β)."""
-  x, p, q = rng.sample(NAMES, 3)
-  rel, other_rel = rng.sample(RELATIONS, 2)
-  attr = rng.choice(ATTRIBUTES)
-  other_attr = 'work' if attr == 'live' else 'live'
-  c_answer, c_p_other, c_q = rng.sample(CITIES, 3)
-  facts = [f'{p} is the {rel} of {x}.', f'{q} is the {other_rel} of {x}.', f'{p} {ENGLISH[other_attr][0]} {c_p_other}.',
-           f'{q} {ENGLISH[attr][0]} {c_q}.']
-  if answerable:
-    facts.append(f'{p} {ENGLISH[attr][0]} {c_answer}.')
+  drawn = draw_chains(rng, chains, answerable)
+  facts = facts_of(drawn)
   rng.shuffle(facts)
-  asks = f'The question asks where the {rel} of {x} {ENGLISH[attr][1]}.'
-  found = f'The passage says {p} is the {rel} of {x}.'
-  if answerable:
-    target, last = c_answer, f'It says {p} {ENGLISH[attr][0]} {c_answer}.'
-  else:
-    target, last = NO_ANSWER, f'It does not say where {p} {ENGLISH[attr][1]}.'
-  return {'question': TEMPLATES[language][(rel, attr)].format(X=x), 'title': f'{x} and people they know',
-          'context': ' '.join(facts), 'target': target, 'language': language,
-          'rationale': ' '.join([asks, found, last])}
+  c = drawn[0]
+  return {'question': TEMPLATES[language][(c['rel'], c['attr'])].format(X=c['x']), 'title': 'Friends and places',
+          'context': ' '.join(facts), 'target': c['city'] if answerable else NO_ANSWER, 'language': language,
+          'rationale': chain_of_thought(c)}
 
 
-def examples(n: int, seed: int, languages=LANGUAGES, answerable_rate: float = 0.75) -> list[dict]:
+def examples(n: int, seed: int, languages=LANGUAGES, answerable_rate: float = 0.75, chains: int = CHAINS
+             ) -> list[dict]:
   """n examples spread evenly over the languages, drawn from `seed`."""
   rng = random.Random(seed)
-  return [make_example(rng, languages[i % len(languages)], rng.random() < answerable_rate) for i in range(n)]
+  return [make_example(rng, languages[i % len(languages)], rng.random() < answerable_rate, chains)
+          for i in range(n)]
 
 
 def write_release(root: str, sizes: dict[str, int], seed: int = 0) -> str:
@@ -123,46 +144,77 @@ def cot_pairs(n: int, seed: int, i_beta: list[dict]) -> list[tuple[str, str]]:
   return out
 
 
-def one_hop(rng: random.Random, ex: dict) -> tuple[str, str]:
-  """An English one-hop question about one fact of the passage (or about someone it does not mention)."""
-  facts = [s.strip() + '.' for s in ex['context'].split('.') if s.strip()]
-  fact = rng.choice(facts).rstrip('.').split()
-  if fact[1] == 'is':  # "P is the REL of X." -> who is the REL of X?
-    question, answer = f'Who is the {fact[3]} of {fact[5]}?', fact[0]
-  else:  # "P lives in C." -> where does P live?
-    question, answer = f'Where does {fact[0]} {fact[1].removesuffix("s")}?', fact[3]
-  if rng.random() < 0.2:  # a question about someone the passage does not mention
-    absent = rng.choice([nm for nm in NAMES if nm not in ex['context']])
-    question, answer = f'Where does {absent} {rng.choice(ATTRIBUTES)}?', NO_ANSWER
-  return f'{IT_INSTRUCTION}\n\nQuestion: {question}\nPassage: {ex["context"]}\nAnswer:', answer
-
-
-def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-  """τ's instruction tuning (other tasks, the instruction style): English one-hop questions over the passages,
-  and copying out what a passage says about someone (the copying every extractive answer needs)."""
-  rng, out = random.Random(seed), []
-  for ex in examples(n, seed):
-    facts = [s.strip() + '.' for s in ex['context'].split('.') if s.strip()]
-    if rng.random() < 0.5:
-      person = rng.choice(facts).split()[0]
-      said = ' '.join(f for f in facts if person in f.split())
-      out.append((f'{COPY_INSTRUCTION}\n\nPerson: {person}\nPassage: {ex["context"]}\nSentences:', said))
-    else:
-      out.append(one_hop(rng, ex))
+def one_hop_questions(rng: random.Random, chains: list[dict]) -> list[tuple[str, str]]:
+  """Every English one-hop question a passage of these chains answers, shuffled, and one about someone it does
+  not mention: (question, answer). Each is one look-up with a one-token key (`Where does Ravi live?` -> the city
+  after Ravi in `lives Ravi Pune.`)."""
+  out = [(f'Who is the {c["rel"]} of {c["x"]}?', c['p']) for c in chains]
+  out += [(f'Where does {c["p"]} {ENGLISH[c["attr"]]}?', c['city'] if c['stated'] else NO_ANSWER) for c in chains]
+  mentioned = {c['x'] for c in chains} | {c['p'] for c in chains}
+  absent = rng.choice([nm for nm in NAMES if nm not in mentioned])
+  out.append((f'Where does {absent} {rng.choice(list(ENGLISH.values()))}?', NO_ANSWER))
+  rng.shuffle(out)
   return out
 
 
+def reading_prompt(passage: str, question: str) -> str:
+  """τ's instruction style (its other tasks): the instruction, the passage, then the question and the cue."""
+  return f'{IT_INSTRUCTION}\n\nPassage: {passage}\nQuestion: {question}\nAnswer:'
+
+
+def _passage(rng: random.Random, chains: list[dict]) -> str:
+  facts = facts_of(chains)
+  rng.shuffle(facts)
+  return ' '.join(facts)
+
+
+def reading_texts(n: int, seed: int, most_chains: int = 4) -> list[str]:
+  """The plain τ's pre-training text, in a curriculum from one chain of facts to `most_chains`: a passage, then
+  its facts restated (in the same order or shuffled: each restated person is followed by what the passage says
+  after them), then every one-hop question about it with its answer, many look-ups per row; and the release's
+  kind of question (two-hop, in another language) without its answer, so the plain model has seen them."""
+  rng, out = random.Random(seed), []
+  for i in range(n):
+    chains = draw_chains(rng, 1 + (most_chains * i) // n, rng.random() < 0.75)
+    passage = _passage(rng, chains)
+    facts = passage.split('. ')
+    if rng.random() < 0.5:
+      rng.shuffle(facts)
+    lines = [passage, '. '.join(facts).rstrip('.') + '.']
+    lines += [f'{q} {a}' for q, a in one_hop_questions(rng, chains)]
+    c = chains[0]
+    lines.append(TEMPLATES[rng.choice(LANGUAGES)][(c['rel'], c['attr'])].format(X=c['x']))
+    out.append('\n'.join(lines))
+  return out
+
+
+def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+  """τ's instruction tuning (other tasks, the instruction style): English one-hop questions over passages of
+  1 .. CHAINS + 1 chains, one question per example."""
+  rng, out = random.Random(seed), []
+  while len(out) < n:
+    chains = draw_chains(rng, rng.randint(1, CHAINS + 1), rng.random() < 0.75)
+    passage = _passage(rng, chains)
+    out += [(reading_prompt(passage, q), a) for q, a in one_hop_questions(rng, chains)[:2]]
+  return out[:n]
+
+
 def reading_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-  """Held-out one-hop English questions in τ's instruction style: how well the instruction-tuned τ reads."""
-  rng = random.Random(seed)
-  return [one_hop(rng, ex) for ex in examples(n, seed)]
+  """Held-out one-hop English questions in τ's instruction style over passages of the release's size (CHAINS
+  chains): how well a τ reads."""
+  rng, out = random.Random(seed), []
+  for _ in range(n):
+    chains = draw_chains(rng, CHAINS, rng.random() < 0.75)
+    question, answer = one_hop_questions(rng, chains)[0]
+    out.append((reading_prompt(_passage(rng, chains), question), answer))
+  return out
 
 
 def tokenizer_lines(extra_texts=()) -> list[str]:
   """Text the SentencePiece model is trained on: the world, β's and τ's prompts (every I_τ / I_β word)."""
-  lines = list(extra_texts) + [I_BETA_INSTRUCTION, IT_INSTRUCTION, COPY_INSTRUCTION, NO_ANSWER]
-  # τ's instruction prompts too: without them "Where" began with an unknown piece and "work?" split as "wor"+"k"
+  lines = list(extra_texts) + [I_BETA_INSTRUCTION, IT_INSTRUCTION, NO_ANSWER, UNKNOWN]
   lines += [prompt + ' ' + answer for prompt, answer in instruction_pairs(300, 97)]
+  lines += reading_texts(200, 98)
   for lang in LANGUAGES:
     lines += [t.format(X=nm) for t in TEMPLATES[lang].values() for nm in NAMES[:6]]
   for ex in examples(600, 99):
@@ -185,7 +237,8 @@ def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -
                                  model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2,
                                  # keep newlines, as real checkpoints' tokenizers do: prompts are line-structured
                                  normalization_rule_tsv=rule, remove_extra_whitespaces=False,
-                                 user_defined_symbols=['\n'])
+                                 # every name and city one piece, space included: one-token keys and values
+                                 user_defined_symbols=['\n'] + [f'\u2581{w}' for w in NAMES + CITIES])
   with open(prefix + '.model', 'wb') as f:
     f.write(model.getvalue())
   return prefix + '.model'

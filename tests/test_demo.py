@@ -36,23 +36,39 @@ def test_reader_exact_match_counts_the_greedy_answers(monkeypatch):
 
 
 def test_reading_pairs_are_held_out_one_hop_questions():
-  pairs = miniature.reading_pairs(50, demo.READER_SEED)
+  pairs = miniature.reading_pairs(200, demo.READER_SEED)
   training = {p for p, _ in miniature.instruction_pairs(32 * demo.Scale().tau_it_steps, 202)}
   assert not training & {p for p, _ in pairs}
   for prompt, answer in pairs:
-    passage = prompt.split('Passage: ')[1].split('\nAnswer:')[0]
-    assert answer == miniature.NO_ANSWER or answer in passage.split(' ') or answer + '.' in passage.split(' ')
+    passage = prompt.split('Passage: ')[1].split('\nQuestion:')[0]
+    assert answer == miniature.NO_ANSWER or answer in passage.replace('.', '').split(' ')
+  assert 0.2 < sum(a == miniature.NO_ANSWER for _, a in pairs) / len(pairs) < 0.5
 
 
-def test_the_world_tokenizer_has_a_piece_for_every_reading_prompt(tmp_path):
+def test_every_look_up_has_a_one_token_key_followed_by_its_value(tmp_path):
   import seqio  # pylint: disable=g-import-not-at-top
   vocab = seqio.SentencePieceVocabulary(miniature.train_sentencepiece(str(tmp_path / 'sp'), miniature.tokenizer_lines()))
-  unk = vocab.tokenizer.unk_id()
-  held_out = miniature.reading_pairs(50, demo.READER_SEED)
-  assert not [p for p, a in held_out if unk in vocab.encode(p + ' ' + a)]
-  # whole words, as in the passages: the question's "work" is the piece "▁work", not "▁wor" + "k"
-  assert [vocab.tokenizer.id_to_piece(i) for i in vocab.encode('Where does Vik work?')] == [
-      '▁Where', '▁does', '▁Vik', '▁work', '?']
+  piece = lambda text: [vocab.tokenizer.id_to_piece(i) for i in vocab.encode(text)]
+  for word in miniature.NAMES + miniature.CITIES:  # one piece each, in a passage and in every question template
+    assert piece(f'lives {word} Goa.') == ['▁lives', f'▁{word}', '▁Goa', '.'], word
+  assert piece('Ravi-এর বন্ধু')[0] == '▁Ravi' and piece('Где живёт друг Ravi?')[-2:] == ['▁Ravi', '?']
+  ex = miniature.examples(1, 5, answerable_rate=1.0)[0]
+  rel, x, p, attr, p2, city = ex['rationale'].replace('.', '').split()
+  # The chain of thought is the passage's two facts: the key is directly followed by the value looked up.
+  assert f'{rel} {x} {p}.' in ex['context'] and f'{attr} {p2} {city}.' in ex['context'] and p == p2
+  assert city == ex['target'] and x in ex['question']
+  assert not [p for p, a in miniature.reading_pairs(50, demo.READER_SEED) if vocab.tokenizer.unk_id() in
+              vocab.encode(p + ' ' + a)]
+
+
+def test_reading_texts_grow_from_one_chain_to_many_with_a_question_per_fact():
+  texts = miniature.reading_texts(40, 3)
+  facts = [t.split('\n')[0].count('.') for t in texts]
+  assert max(facts[:10]) <= 2 and min(facts[-10:]) >= 4
+  last = texts[-1].split('\n')
+  fact_set = lambda line: sorted(f.rstrip('.') for f in line.split('. '))
+  assert fact_set(last[0]) == fact_set(last[1])  # the facts restated
+  assert sum('?' in line for line in last) >= 8
 
 
 def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, capsys):
@@ -60,7 +76,7 @@ def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, caps
   assert demo.main(['--quick', f'--out_dir={out}']) == 0
   printed = capsys.readouterr().out
   for title in ('| — | L | ICL |', '| XS | — | Fine-tune |', '| XS | L | FIAT |', 'w/o CoT-augmented tuning',
-                'w/o Instruction-augmented tuning', 'premise 2'):
+                'w/o Instruction-augmented tuning', 'premise 2', 'premise 1: β\'s few-shot two-hop test F1'):
     assert title in printed, title
   for k, (name, _, _) in enumerate(demo.ROWS):  # a progress line with an ETA before every row
     assert f'demo [{k + 6}/{len(demo.QUICK.seconds)}] {name}: elapsed ' in printed
@@ -93,10 +109,20 @@ def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, caps
       gold[ex['id']] = ex
   records = {r['example_id']: r for r in store.read_records(str(out / 'rationales'))}
   assert set(records) == set(gold)
-  assert all(r['beta'].startswith('local:') and r['beta'].endswith(os.path.join('world', 'beta'))
+  assert all(r['beta'].startswith('local:') and r['beta'].endswith(os.path.join('world', 'readers', 'beta'))
              for r in records.values())
   generator = {}  # the generator's own chains of thought, regenerated as write_release draws the splits
   for k, (split, n) in enumerate(sorted(demo.SIZES.items())):
     generator.update({(ex['question'], ex['context']): ex['rationale'] for ex in miniature.examples(n, k)})
   assert len(generator) == len(gold)
   assert not any(r['rationale'] == generator[(gold[i]['question'], gold[i]['context'])] for i, r in records.items())
+
+
+def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
+  with open(os.path.join(demo.READERS_DIR, 'manifest.json'), encoding='utf-8') as f:
+    manifest = json.load(f)
+  assert manifest['command'].startswith('python -m fiat_jax.demo pretrain')
+  assert manifest['steps'] == {'tau_base': 1200, 'beta': 300, 'tau_it': 300}
+  assert manifest['skills'] == {'instruction_tuned': 35.0, 'plain': 0.0}  # premise 2 not met (README, "The demo")
+  for name in ('tau_base', 'tau_it', 'beta'):
+    assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
