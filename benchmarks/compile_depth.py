@@ -83,7 +83,8 @@ def abstract_inputs(cfg, tcfg, mesh):
   tx = optim_lib.make(tcfg.optim, tcfg.num_steps, trainable, cfg.lora)
   master = jax.eval_shape(train_lib.master_copy, trainable)
   opt = jax.eval_shape(tx.init, master)
-  state_sh, frozen_sh = train_lib._shardings(cfg, tcfg.mode, mesh, trainable, frozen, opt)  # pylint: disable=protected-access
+  shardings = train_lib._shardings  # pylint: disable=protected-access
+  state_sh, frozen_sh = shardings(cfg, tcfg.mode, mesh, trainable, frozen, opt)
   state = dict(step=jax.ShapeDtypeStruct((), np.int32), trainable=master, opt_state=opt,
                rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
   with_sh = lambda tree, sh: jax.tree_util.tree_map(
@@ -94,12 +95,12 @@ def abstract_inputs(cfg, tcfg, mesh):
 def real_inputs(cfg, tcfg, mesh, seed: int):
   """train._fresh_state on drawn weights: the unrolled layout's, stacked when cfg scans, so both variants hold
   the same numbers (LoRA's collections too)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from fiat_jax.model import stacking  # pylint: disable=g-import-not-at-top
   from fiat_jax.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
   from fiat_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   unrolled = dataclasses.replace(cfg, scan_layers=False)
   params = nn.meta.unbox(model_lib.init_params(unrolled, jax.random.PRNGKey(seed)))
   lora = lora_lib.init(cfg.lora, params, jax.random.PRNGKey(seed + 1), cfg.tie_embeddings)
@@ -191,7 +192,8 @@ def table(result: dict) -> str:
             f"{', '.join(f'{r:.3f}' for r in s['ratios_per_repeat'])}); target <= {TARGET:.3f}: "
             f"{'met' if s['met'] else 'not met'}; in process CPU seconds: {s['cpu_ratio']:.3f}"]
   if "hlo" in med["scanned"]:
-    lines += ["", "| variant | HLO instructions | fusions | converts | whiles | dots |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| variant | HLO instructions | fusions | converts | whiles | dots |",
+              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | " + " | ".join(str(med[n]["hlo"][k]) for k in ("instructions", "fusions", "converts",
                                                                           "whiles", "dots")) + " |" for n in VARIANTS]
   if "first_loss" in med["scanned"]:
