@@ -162,9 +162,11 @@ def _ours_model(args, ckpt: str, lora: bool):
   from fiat_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  cfg, params = hf.load(ckpt, mesh=mesh)
+  fields = _overrides(args)[0]
+  # The layout is chosen at load: hf.load stacks each layer's tensors for Config.scan_layers.
+  cfg, params = hf.load(ckpt, mesh=mesh, scan_layers=bool(fields.pop("scan_layers", False)))
   cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None)
-  return _replace(cfg, "model.Config", _overrides(args)[0]), params, mesh
+  return _replace(cfg, "model.Config", fields), params, mesh
 
 
 # ---- Workers --------------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def worker_ours_train(args, ckpt: str, mode: str) -> dict:
                                optim=optim_lib.OptimConfig(optimizer="adamw", learning_rate=LEARNING_RATE,
                                                            clip_norm=CLIP_NORM))
   tcfg = _replace(tcfg, "train.TrainConfig", _overrides(args)[1])
-  cfg = dataclasses.replace(cfg, dtype=tcfg.compute_dtype) if tcfg.compute_dtype else cfg  # as train.train
+  cfg = train_lib.step_model_config(cfg, tcfg)  # the remat policy and compute dtype, as train.train applies them
   model = model_lib.Transformer(cfg)
   state, frozen, tx, state_sh, frozen_sh = train_lib._fresh_state(  # pylint: disable=protected-access
       tcfg, cfg, params, None, mesh)
@@ -252,7 +254,7 @@ def worker_ours_train(args, ckpt: str, mode: str) -> dict:
   return dict(compile_s=compile_s, state_dtype_drift=drift, first_step_s=first,
               warmup_s=warm, seconds=timed, losses=losses, params=counts,
               peak_memory_bytes=peak, memory_source=source, config=dict(kernels=getattr(cfg, "kernels", None),
-              scan_layers=getattr(cfg, "scan_layers", None), remat=getattr(cfg, "remat", None),
+              scan_layers=getattr(cfg, "scan_layers", None), model_remat_policy=getattr(cfg, "remat_policy", None),
               remat_policy=getattr(tcfg, "remat_policy", None), loss_chunk=tcfg.loss_chunk, dtype=cfg.dtype))
 
 

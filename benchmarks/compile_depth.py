@@ -52,11 +52,10 @@ def configs(args):
                                remat_policy=args.remat_policy,
                                optim=optim_lib.OptimConfig(optimizer="adamw", learning_rate=accelerator.LEARNING_RATE,
                                                            clip_norm=accelerator.CLIP_NORM))
-  fields = dict(lora=lora_lib.LoraConfig(rank=accelerator.LORA_RANK, alpha=accelerator.LORA_ALPHA),
-                remat_policy=tcfg.remat_policy)
+  fields = dict(lora=lora_lib.LoraConfig(rank=accelerator.LORA_RANK, alpha=accelerator.LORA_ALPHA))
   if args.kernels is not None:
     fields["kernels"] = args.kernels
-  return dataclasses.replace(cfg, **fields), tcfg
+  return train_lib.step_model_config(dataclasses.replace(cfg, **fields), tcfg), tcfg
 
 
 def batch(args, vocab: int) -> dict:

@@ -80,3 +80,18 @@ def test_check_imports_finds_no_seqio_or_tensorflow():
   proc = subprocess.run([sys.executable, SCRIPT, '--check_imports'], env=_env(), capture_output=True, text=True,
                         timeout=300, check=False)
   assert proc.returncode == 0 and 'forbidden modules loaded: none' in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_scan_and_remat_flags_reach_the_step_our_rows_run(tmp_path):
+  """--scan_layers loads the stacked layout (hf.load) and --remat_policy reaches the model config the step runs
+  (train.step_model_config), as in train.train; the first losses still match the peer's unscanned model."""
+  out = tmp_path / 'accelerator.json'
+  proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--scan_layers', 'true', '--remat_policy', 'full',
+                         '--json', str(out)], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = json.loads(out.read_text())['rows']
+  for kind in ('lora', 'full'):
+    ours = rows[f'ours_{kind}']
+    assert ours['status'] == 'ok', (kind, ours.get('error'))
+    assert ours['config']['scan_layers'] is True and ours['config']['model_remat_policy'] == 'full', ours['config']
+    assert abs(ours['losses'][0] - rows[f'hf_{kind}']['losses'][0]) < LOSS_TOLERANCE, kind

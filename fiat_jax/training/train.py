@@ -315,6 +315,13 @@ def _select_and_test(start: loop.Start, end: loop.End, final_eval) -> TrainResul
   return TrainResult(end.step, False, end.best, test_metrics, chosen_state["trainable"], start.frozen, chosen)
 
 
+def step_model_config(model_cfg: model_lib.Config, tcfg: TrainConfig) -> model_lib.Config:
+  """The model config the train step runs: the run's remat policy and compute dtype applied (benchmarks build their
+  step through this too, so what they measure is what train.train compiles)."""
+  return dataclasses.replace(model_cfg, remat_policy=tcfg.remat_policy,
+                             **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
+
+
 @gin.configurable(denylist=["params", "batches", "evaluate", "eval_batches", "final_eval", "mesh", "lora_variables",
                             "settings", "allow_changed_settings", "on_start"])
 def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Iterable | Callable[[int], Iterable],
@@ -343,8 +350,7 @@ def train(tcfg: TrainConfig, model_cfg: model_lib.Config, params, batches: Itera
     raise ValueError("TrainConfig.mode='full' trains every base parameter: set the model config's lora to None")
   if tcfg.mode == "peft" and model_cfg.lora is None:
     raise ValueError("TrainConfig.mode='peft' needs a model config with lora=LoraConfig(...)")
-  cfg = dataclasses.replace(model_cfg, remat_policy=tcfg.remat_policy,
-                            **({"dtype": tcfg.compute_dtype} if tcfg.compute_dtype else {}))
+  cfg = step_model_config(model_cfg, tcfg)
   model = model_lib.Transformer(cfg)
   mesh = sharding.make_mesh() if mesh is None else mesh
   start, tx = _restore_or_start(tcfg, cfg, model_cfg, params, lora_variables, data_fingerprint, run_dir, base_path,
