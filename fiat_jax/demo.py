@@ -177,11 +177,12 @@ def pretrain(name: str, cfg: model_lib.Config, examples: list[dict], steps: int,
 
 
 def reader_exact_match(cfg: model_lib.Config, params, vocab: seqio.Vocabulary, pairs, bos_id: int = 0) -> dict:
-  """Greedy answers of τ to (prompt, answer) pairs: exact matches (after stripping spaces), in percent."""
+  """Greedy answers of τ to (prompt, answer) pairs: exact matches of the answer's first line (after stripping
+  spaces; a plain language model goes on to the next line where an instruction-tuned one stops), in percent."""
   prompts_ = [[bos_id] + list(vocab.encode(p)) for p, _ in pairs]
   out = decoding.generate(model_lib.Transformer(cfg), {'params': params}, prompts_, max_new_tokens=8,
                           eos_id=vocab.eos_id, pad_id=vocab.pad_id, batch_size=64)
-  answers = [vocab.decode(t).strip() for t in out.tokens]
+  answers = [vocab.decode(t).split('\n')[0].strip() for t in out.tokens]
   exact = sum(a == y for a, (_, y) in zip(answers, pairs))
   return {'exact': exact, 'n': len(pairs), 'em': 100.0 * exact / len(pairs)}
 

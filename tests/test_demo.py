@@ -25,7 +25,7 @@ def test_reader_exact_match_counts_the_greedy_answers(monkeypatch):
       return [3] * len(text.split())
 
     def decode(self, ids):
-      return {7: ' Goa', 8: 'Mira ', 9: 'Agra'}[ids[0]]
+      return {7: ' Goa', 8: 'Mira \nWhere does Ravi live? Pune', 9: 'Agra'}[ids[0]]
 
   def generate(model, variables, prompts, **kw):
     assert [len(p) for p in prompts] == [5, 7, 5]  # BOS + the prompt's tokens
@@ -123,6 +123,6 @@ def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
     manifest = json.load(f)
   assert manifest['command'].startswith('python -m fiat_jax.demo pretrain')
   assert manifest['steps'] == {'tau_base': 1200, 'beta': 300, 'tau_it': 300}
-  assert manifest['skills'] == {'instruction_tuned': 35.0, 'plain': 0.0}  # premise 2 not met (README, "The demo")
+  assert manifest['skills'] == {'instruction_tuned': 35.0, 'plain': 7.5}  # premise 2 not met (README, "The demo")
   for name in ('tau_base', 'tau_it', 'beta'):
     assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
