@@ -168,19 +168,22 @@ def _passage(rng: random.Random, chains: list[dict]) -> str:
   return ' '.join(facts)
 
 
-def reading_texts(n: int, seed: int, most_chains: int = 4) -> list[str]:
-  """The plain τ's pre-training text, in a curriculum from one chain of facts to `most_chains`: a passage, then
-  its facts restated (in the same order or shuffled: each restated person is followed by what the passage says
-  after them), then every one-hop question about it with its answer, many look-ups per row; and the release's
-  kind of question (two-hop, in another language) without its answer, so the plain model has seen them."""
+def reading_texts(n: int, seed: int, most_chains: int = 4, ramp: float = 0.25) -> list[str]:
+  """The plain τ's pre-training text, in a curriculum from one chain of facts to `most_chains` over the first
+  `ramp` of the rows, then `most_chains` (a long stay on few chains teaches shortcuts: with one chain, "Who is the
+  friend of X?" needs no look-up): a passage, then its facts restated (in the same order or shuffled: each
+  restated person is followed by what the passage says after them), then every one-hop question about it with its
+  answer, many look-ups per row; and the release's kind of question (two-hop, in another language) without its
+  answer, so the plain model has seen them."""
   rng, out = random.Random(seed), []
+  ramp_rows = max(1, int(n * ramp))
   for i in range(n):
-    chains = draw_chains(rng, 1 + (most_chains * i) // n, rng.random() < 0.75)
+    chains = draw_chains(rng, min(most_chains, 1 + (most_chains * i) // ramp_rows), rng.random() < 0.75)
     passage = _passage(rng, chains)
-    facts = passage.split('. ')
+    facts = [f.rstrip('.') for f in passage.split('. ')]
     if rng.random() < 0.5:
       rng.shuffle(facts)
-    lines = [passage, '. '.join(facts).rstrip('.') + '.']
+    lines = [passage, '. '.join(facts) + '.']
     lines += [f'{q} {a}' for q, a in one_hop_questions(rng, chains)]
     c = chains[0]
     lines.append(TEMPLATES[rng.choice(LANGUAGES)][(c['rel'], c['attr'])].format(X=c['x']))
