@@ -235,13 +235,16 @@ def train_sentencepiece(prefix: str, lines: list[str], vocab_size: int = 1024) -
   with open(rule, 'w', encoding='utf-8') as f:
     f.write('A0\t20\n')
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                 character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2,
-                                 # keep newlines, as real checkpoints' tokenizers do: prompts are line-structured
-                                 normalization_rule_tsv=rule, remove_extra_whitespaces=False,
-                                 # every name and city one piece, space included: one-token keys and values
-                                 user_defined_symbols=['\n'] + [f'\u2581{w}' for w in NAMES + CITIES])
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                   character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type='bpe', hard_vocab_limit=False, num_threads=2, minloglevel=2,
+                                   # keep newlines, as real checkpoints' tokenizers do: prompts are line-structured
+                                   normalization_rule_tsv=rule, remove_extra_whitespaces=False,
+                                   # every name and city one piece, space included: one-token keys and values
+                                   user_defined_symbols=['\n'] + [f'\u2581{w}' for w in NAMES + CITIES])
+  finally:
+    os.remove(rule)  # read by the trainer only: the model carries the rule
   with open(prefix + '.model', 'wb') as f:
     f.write(model.getvalue())
   return prefix + '.model'
