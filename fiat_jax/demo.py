@@ -87,7 +87,7 @@ class Scale:
   tau_it_steps: int = 300
   tau_steps: int = 120
   # Seconds each stage took on an idle 2-core CPU (the ETA's prior; scaled by how fast this machine goes).
-  seconds: tuple = (('world', 5), ('tau_base', 400), ('beta', 120), ('tau_it', 60), ('reader', 10),
+  seconds: tuple = (('world', 5), ('tau_base', 660), ('beta', 80), ('tau_it', 45), ('reader', 10),
                     ('icl', 10), ('xs_finetune', 36), ('xs_fiat', 45), ('xs_wo_cot', 47),
                     ('xs_wo_instruction', 40), ('report', 5))
 
@@ -95,7 +95,7 @@ class Scale:
 # The demo as `make demo` runs it: the readers pre-trained by `python -m fiat_jax.demo pretrain` (READERS_DIR).
 LOADED = Scale(seconds=(('world', 3), ('readers', 1), ('reader', 10), ('icl', 10), ('xs_finetune', 36),
                         ('xs_fiat', 45), ('xs_wo_cot', 47), ('xs_wo_instruction', 40), ('report', 5)))
-QUICK = Scale(beta_examples=200, beta_steps=4, tau_lm_steps=4, tau_it_steps=4, tau_steps=4,
+QUICK = Scale(beta_examples=320, beta_steps=10, tau_lm_steps=4, tau_it_steps=4, tau_steps=4,
               seconds=(('world', 3), ('tau_base', 4), ('beta', 11), ('tau_it', 6), ('reader', 5), ('icl', 8),
                        ('xs_finetune', 14), ('xs_fiat', 18), ('xs_wo_cot', 12), ('xs_wo_instruction', 12),
                        ('report', 5)))
