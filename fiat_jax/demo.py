@@ -30,7 +30,6 @@ if __name__ == '__main__':  # as `fiat`: FIAT_GLIBC_MALLOC=reuse's settings befo
 import argparse
 import collections
 import dataclasses
-import itertools
 import json
 import logging
 import shutil
@@ -164,14 +163,8 @@ def pretrain(name: str, cfg: model_lib.Config, examples: list[dict], steps: int,
                            save_every=steps, keep=1, tensorboard=False,
                            optim=optim.OptimConfig(learning_rate=lr, warmup_steps=max(1, steps // 20),
                                                    schedule=schedule, weight_decay=weight_decay, b2=b2))
-  if ordered:
-    chunks = max(1, len(examples) // batch_size)
-    batches = lambda start: (next(batches_lib.feature_batches(
-        examples[(k % chunks) * batch_size:(k % chunks + 1) * batch_size], lengths, batch_size, seed=seed, where=name))
-                             for k in itertools.count(start))
-  else:
-    batches = lambda start: batches_lib.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
-                                                        where=name)
+  batches = lambda start: batches_lib.feature_batches(examples, lengths, batch_size, seed=seed, start_step=start,
+                                                      where=name, shuffle=not ordered)
   t0 = time.time()
   res = train.train(tcfg, cfg, params, batches, f'{name}-{len(examples)}', os.path.join(out_dir, 'train'))
   print(f'demo: {name}: {steps} steps on {len(examples)} examples in {time.time() - t0:.0f} s')

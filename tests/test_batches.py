@@ -73,6 +73,19 @@ def test_epochs_reshuffle_shards_are_disjoint_and_resume_is_exact():
     batches.train_batches(td, 'xtreme_up_xqa_indic_plain', 'train', LENGTHS, 2, seed=0, shard_index=2, num_shards=2)
 
 
+def test_unshuffled_batches_keep_the_examples_order_every_epoch_and_resume_exactly():
+  # A curriculum: rows in the examples' order, epoch after epoch (7 examples, batches of 3), from any step.
+  examples = [{'inputs': np.array([], np.int32), 'targets': np.array([10 + i, 1], np.int32)} for i in range(7)]
+  lengths = {'inputs': 0, 'targets': 8}
+  firsts = lambda it, n: [list(next(it)['decoder_target_tokens'][:, 0]) for _ in range(n)]
+  stream = batches.feature_batches(examples, lengths, 3, seed=5, shuffle=False)
+  assert firsts(stream, 4) == [[10, 11, 12], [13, 14, 15], [16, 10, 11], [12, 13, 14]]
+  resumed = batches.feature_batches(examples, lengths, 3, seed=5, shuffle=False, start_step=2)
+  assert firsts(resumed, 2) == [[16, 10, 11], [12, 13, 14]]
+  host1 = [i for _, i in zip(range(4), batches._local_order(7, 5, 1, 2, 0, shuffle=False))]
+  assert host1 == [1, 3, 5, 0]  # stream positions 1, 3, 5, 7 of the unshuffled stream
+
+
 def test_too_long_examples_are_an_error_not_a_silent_trim():
   td = _task_data()
   with pytest.raises(readers.DataError, match=r'7 examples longer than feature_lengths') as e:

@@ -21,17 +21,18 @@ from fiat_jax.data import pipeline
 from fiat_jax.data import readers
 
 
-def _local_order(n: int, seed: int, shard_index: int, num_shards: int, start: int) -> Iterator[int]:
-  """Example indices of this host's positions start, start+1, ... in the shuffled epoch stream.
+def _local_order(n: int, seed: int, shard_index: int, num_shards: int, start: int, shuffle: bool = True
+                 ) -> Iterator[int]:
+  """Example indices of this host's positions start, start+1, ... in the epoch stream.
 
-  The global stream is epoch after epoch, each a permutation drawn from (seed, epoch);
-  host h takes the stream positions h, h + num_shards, h + 2 num_shards, ...
+  The global stream is epoch after epoch, each a permutation drawn from (seed, epoch) (the examples' own order
+  when not shuffle: a curriculum); host h takes the stream positions h, h + num_shards, h + 2 num_shards, ...
   """
   epoch, perm, k = -1, None, start
   while True:
     e, i = divmod(shard_index + k * num_shards, n)
     if e != epoch:
-      epoch, perm = e, np.random.default_rng([seed, e]).permutation(n)
+      epoch, perm = e, np.random.default_rng([seed, e]).permutation(n) if shuffle else np.arange(n)
     yield int(perm[i])
     k += 1
 
@@ -48,12 +49,13 @@ def train_batches(td: pipeline.TaskData, task_or_mixture: str, split: str, featu
 
 def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapping[str, int], batch_size: int,
                     *, seed: int, shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
-                    pack: bool = False, bos_id: int = 0, where: str = 'examples'
+                    pack: bool = False, bos_id: int = 0, where: str = 'examples', shuffle: bool = True
                     ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite per-host batches of seqio.DecoderFeatureConverter features (prefix LM) from token examples
   ({'id'?, 'kind'?, 'inputs', 'targets'} id lists).
 
-  batch_size is this host's. Reshuffled every epoch from seed; deterministic; start_step
+  batch_size is this host's. Reshuffled every epoch from seed (shuffle=False: the examples' order, every epoch);
+  deterministic; start_step
   skips exactly that many batches (resume). When some example is of kind 'rationale' (distilled CoT), rationale
   targets are cut to the targets length (counted and logged) and every batch carries decoder_task_ids [B, L]
   (formatting.TASK_IDS of each row's kind), which the trainer's loss averages per task.
@@ -86,7 +88,7 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
   start = 0 if pack else start_step * batch_size
 
   def generate():
-    for i in _local_order(len(examples), seed, shard_index, num_shards, start):
+    for i in _local_order(len(examples), seed, shard_index, num_shards, start, shuffle):
       yield {'inputs': examples[i]['inputs'], 'targets': examples[i]['targets']}
 
   spec = tf.TensorSpec([None], tf.int32)
@@ -98,7 +100,7 @@ def feature_batches(examples: Sequence[Mapping[str, Any]], feature_lengths: Mapp
   if not multitask:
     return ds.as_numpy_iterator()
   task_ids = np.array([formatting.TASK_IDS[k] for k in kinds], np.int32)
-  order = _local_order(len(examples), seed, shard_index, num_shards, start)
+  order = _local_order(len(examples), seed, shard_index, num_shards, start, shuffle)
 
   def with_task_ids(batches):  # unpacked rows are the examples in stream order
     for batch in batches:
