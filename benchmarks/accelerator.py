@@ -19,7 +19,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 unless it is set (XLA's default 0.75 would ca
   python benchmarks/accelerator.py --json out.json
       [--kernels NAME] [--scan_layers true|false] [--remat_policy NAME] [--loss_chunk N]
       [--batch 8 --seq 2048 --warmup 2 --steps 5] [--decode_batch 16 --prompt_len 128 --new_tokens 128]
-      [--worker_timeout 300]
+      [--worker_timeout 300] [--lora_variants kernels=triton loss_chunk=512,remat_policy=minimal ...]
   python benchmarks/accelerator.py --smoke --json smoke.json   # tiny model on the CPU, every row, same JSON
   python benchmarks/accelerator.py --check_imports             # exit 1 if our workers' imports load seqio/TF
 
@@ -27,7 +27,10 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 unless it is set (XLA's default 0.75 would ca
 given, through dataclasses.replace: --kernels picks ops.py's kernels ('auto', 'fused', 'reference',
 'xla_attention', 'xla_chunked', 'cudnn', ... as the checkout defines them), --scan_layers scans one block over
 the layers, --remat_policy names what the backward pass keeps ('none', 'full', 'minimal',
-'save_dots_except_mlp', ...). A flag whose field this checkout lacks makes our rows errors that name it.
+'save_dots_except_mlp', ...). A flag whose field this checkout lacks makes our rows errors that name it. Our
+side runs scanned layers unless --scan_layers false: the product's default. --lora_variants adds rows of our LoRA
+step, each with its own flags (comma-separated NAME=VALUE), each against the same peer row. The JSON is rewritten
+after every worker ("complete": false until the last), so a run stopped from outside keeps what it measured.
 """
 import argparse
 import dataclasses
@@ -35,6 +38,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -69,6 +73,7 @@ SMOKE_RUN = dict(batch=2, seq=64, warmup=1, steps=1, decode_batch=2, prompt_len=
 LORA_RANK, LORA_ALPHA, LEARNING_RATE, CLIP_NORM = 8, 16.0, 1e-4, 1.0
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FORBIDDEN = ("seqio", "tensorflow")  # absent from the accelerator machine
+VARIANT_FLAGS = ("kernels", "scan_layers", "remat_policy", "loss_chunk")
 
 
 def _bool(text: str) -> bool:
@@ -163,8 +168,9 @@ def _ours_model(args, ckpt: str, lora: bool):
   from fiat_jax.model import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   fields = _overrides(args)[0]
-  # The layout is chosen at load: hf.load stacks each layer's tensors for Config.scan_layers.
-  cfg, params = hf.load(ckpt, mesh=mesh, scan_layers=bool(fields.pop("scan_layers", False)))
+  # The layout is chosen at load: hf.load stacks each layer's tensors for Config.scan_layers. Scanned unless
+  # --scan_layers false: the product's default (experiment.tau_model).
+  cfg, params = hf.load(ckpt, mesh=mesh, scan_layers=bool(fields.pop("scan_layers", True)))
   cfg = dataclasses.replace(cfg, lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None)
   return _replace(cfg, "model.Config", fields), params, mesh
 
@@ -399,16 +405,29 @@ def build_checkpoint(model_cfg: dict, ckpt: str, seed: int):
   model.save_pretrained(ckpt)
 
 
-def run_worker(name: str, argv: list[str], ckpt: str, tmp: str, run: dict, smoke: bool) -> dict:
+def variant_argv(spec: str) -> list[str]:
+  """'loss_chunk=512,remat_policy=minimal' -> ['--loss_chunk', '512', '--remat_policy', 'minimal'] (our flags)."""
+  out = []
+  for item in spec.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or key not in VARIANT_FLAGS:
+      raise ValueError(f"--lora_variants {spec!r}: {item!r} is not NAME=VALUE with NAME one of "
+                       f"{', '.join(VARIANT_FLAGS)}")
+    out += [f"--{key}", value]
+  return out
+
+
+def run_worker(name: str, argv: list[str], ckpt: str, tmp: str, run: dict, smoke: bool, label: str = "") -> dict:
   """`--worker name` in a fresh process under the per-worker timeout; its JSON, or why there is none."""
-  result = os.path.join(tmp, name + ".json")
+  label = label or name
+  result = os.path.join(tmp, re.sub(r"\W", "_", label) + ".json")
   cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--ckpt", ckpt, "--result", result]
   env = dict(os.environ)
   if smoke:
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   if not name.startswith("hf"):
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-  print(f"[accelerator] {name} ...", file=sys.stderr, flush=True)
+  print(f"[accelerator] {label} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=run["worker_timeout"], check=False)
@@ -421,9 +440,11 @@ def run_worker(name: str, argv: list[str], ckpt: str, tmp: str, run: dict, smoke
     else:  # died without writing: an allocator's abort, or killed for host memory
       out = dict(status="oom" if _is_oom(proc.stderr[-3000:]) else "error",
                  error=f"exit {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+    out["stderr_tail"] = proc.stderr[-2000:]  # XLA's and the libraries' warnings, kept for the record
   out["wall_s"] = time.perf_counter() - t0
   done = f"{out['step_s']:.4f} s/step" if "step_s" in out else out["status"]
-  print(f"[accelerator] {name}: {done} ({out['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+  extra = f", compile {out['compile_s']:.1f} s" if out.get("compile_s") is not None else ""
+  print(f"[accelerator] {label}: {done}{extra} ({out['wall_s']:.0f} s)", file=sys.stderr, flush=True)
   if out["status"] == "error":
     print(out["error"], file=sys.stderr, flush=True)
   return out
@@ -458,6 +479,9 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--scan_layers", type=_bool, default=None, help="ours: model Config.scan_layers (only when given)")
   ap.add_argument("--remat_policy", default=None, help="ours: TrainConfig.remat_policy (only when given)")
   ap.add_argument("--loss_chunk", type=int, default=None, help="ours: TrainConfig.loss_chunk (only when given)")
+  ap.add_argument("--lora_variants", nargs="*", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                  help="extra rows of our LoRA step with these flags (e.g. kernels=triton loss_chunk=512), each "
+                       "against the same peer row")
   ap.add_argument("--check_imports", action="store_true", help="exit 1 if our workers' imports load seqio / TF")
   ap.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
   ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -475,20 +499,34 @@ def main(argv: list[str]) -> int:
                 lora=dict(rank=LORA_RANK, alpha=LORA_ALPHA, targets=HF_TARGETS),
                 optimizer=dict(name="adamw", learning_rate=LEARNING_RATE, weight_decay=0.0, clip_norm=CLIP_NORM),
                 flop_convention=summary.FLOP_CONVENTION)
+  variants = {f"ours_lora[{v}]": variant_argv(v) for v in args.lora_variants}
+  result.update(rows={}, variants={}, complete=False)
+
+  def dump():  # after every worker, so that a run stopped from outside keeps what it measured
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, "checkpoint")
     t0 = time.perf_counter()
     build_checkpoint(model_cfg, ckpt, args.seed)
     result["checkpoint_s"] = time.perf_counter() - t0
     result["peak"] = run_worker("peak", argv, ckpt, tmp, run, args.smoke)
-    result["rows"] = {name: run_worker(name, argv, ckpt, tmp, run, args.smoke) for name in summary.ROWS}
+    dump()
+    for name in summary.ROWS:
+      result["rows"][name] = run_worker(name, argv, ckpt, tmp, run, args.smoke)
+      dump()
+    for name, extra in variants.items():
+      result["variants"][name] = run_worker("ours_lora", argv + extra, ckpt, tmp, run, args.smoke, label=name)
+      dump()
   result["environment"]["loadavg_end"] = os.getloadavg()
+  result["complete"] = True
   summary.summarise(result)
   print(summary.report(result))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-  return 1 if any(r["status"] == "error" for r in [result["peak"], *result["rows"].values()]) else 0
+  dump()
+  everything = [result["peak"], *result["rows"].values(), *result["variants"].values()]
+  return 1 if any(r["status"] == "error" for r in everything) else 0
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def summarise(result: dict) -> dict:
   """Adds tokens/s, model TFLOP/s and MFU to every row, the ours / HF ratios, and the targets."""
   c, run, rows = result["model"], result["run"], result["rows"]
   peak = result["peak"].get("flops_per_s")
-  for name, row in rows.items():
-    row["kind"] = name.split("_")[1]
+  variants = result.get("variants", {})
+  for name, row in [*rows.items(), *variants.items()]:
+    row["kind"] = name.split("_")[1].split("[")[0]
     if row["status"] != "ok":
       continue
     if row["kind"] == "decode":
@@ -74,6 +75,12 @@ def summarise(result: dict) -> dict:
       same = np.asarray(ours["generated"]) == np.asarray(hf["generated"])
       ratios[kind]["tokens_identical"] = float(same.mean())
   result["ratios"] = ratios
+  hf = rows["hf_lora"]
+  for row in variants.values():  # each against the same peer row as ours_lora
+    ok = row["status"] == hf["status"] == "ok"
+    row["ratio_tokens_per_s"] = row["tokens_per_s"] / hf["tokens_per_s"] if ok else None
+    row["ratio_peak_memory"] = (row["peak_memory_bytes"] / hf["peak_memory_bytes"]
+                                if ok and row["peak_memory_bytes"] and hf["peak_memory_bytes"] else None)
   compiles = [rows[k].get("compile_s") for k in ("ours_lora", "ours_full")]
   result["targets"] = dict(
       lora_speed=dict(target=">= 1.2x HF tokens/s", value=ratios["lora"]["tokens_per_s"]),
@@ -112,11 +119,12 @@ def report(result: dict) -> str:
            f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}.", "",
            "| | step s | tokens/s | model TFLOP/s | MFU % | peak memory MiB | compile s | first loss | status |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-  for name in ROWS:
-    r = rows[name]
+  variants = result.get("variants", {})
+  for name, r in [*((n, rows[n]) for n in ROWS), *variants.items()]:
     mem = r.get("peak_memory_bytes")
     loss = r.get("losses") or [None]
-    lines.append(f"| {LABELS[name]} | {fmt(r.get('step_s'), '.4f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
+    label = LABELS.get(name) or LABELS["ours_lora"] + " " + name[len("ours_lora"):]
+    lines.append(f"| {label} | {fmt(r.get('step_s'), '.4f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
                  f"{fmt(r.get('model_tflops_per_s'), '.3f')} | {fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | "
                  f"{fmt(mem and mem / 2 ** 20, '.0f')} | {fmt(r.get('compile_s'), '.1f')} | {fmt(loss[0], '.4f')} | "
                  f"{r['status']} |")
@@ -124,6 +132,9 @@ def report(result: dict) -> str:
   for kind, label in PAIRS:
     q = result["ratios"][kind]
     lines.append(f"| {label} | {fmt(q['tokens_per_s'], '.2f')} | {fmt(q['peak_memory'], '.2f')} |")
+  for name, r in variants.items():
+    lines.append(f"| LoRA step, ours {name[len('ours_lora'):]} | {fmt(r.get('ratio_tokens_per_s'), '.2f')} | "
+                 f"{fmt(r.get('ratio_peak_memory'), '.2f')} |")
   lines.append("")
   for key, t in result["targets"].items():
     verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
