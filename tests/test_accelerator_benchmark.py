@@ -47,6 +47,7 @@ def test_smoke_run_writes_consistent_json(tmp_path):
     assert row['peak_memory_bytes'] > 0 and row['memory_source'] == 'peak RSS', name  # the CPU: RSS both sides
     if name.startswith('ours'):
       assert row['forbidden_modules'] == [], name
+  assert rows['ours_lora']['config']['scan_layers'] is True  # the product's default layout
   assert len(rows['ours_lora']['seconds']) == run['steps']
   assert len(rows['ours_decode']['seconds']) == run['decode_repeats']
   assert len(rows['hf_lora']['losses']) == run['warmup'] + run['steps']
@@ -82,16 +83,38 @@ def test_check_imports_finds_no_seqio_or_tensorflow():
   assert proc.returncode == 0 and 'forbidden modules loaded: none' in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_scan_and_remat_flags_reach_the_step_our_rows_run(tmp_path):
-  """--scan_layers loads the stacked layout (hf.load) and --remat_policy reaches the model config the step runs
-  (train.step_model_config), as in train.train; the first losses still match the peer's unscanned model."""
+def test_scan_and_remat_flags_and_variants_reach_the_step_our_rows_run(tmp_path):
+  """--scan_layers picks the layout hf.load reads (scanned by default, as the product) and --remat_policy reaches
+  the model config the step runs (train.step_model_config), as in train.train; --lora_variants adds rows of our
+  LoRA step with their own flags, each against the same peer row. The first losses still match the peer's."""
   out = tmp_path / 'accelerator.json'
-  proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--scan_layers', 'true', '--remat_policy', 'full',
-                         '--json', str(out)], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+  proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--scan_layers', 'false', '--remat_policy', 'full',
+                         '--lora_variants', 'scan_layers=true,loss_chunk=16', '--json', str(out)], env=_env(),
+                        capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = json.loads(out.read_text())['rows']
+  result = json.loads(out.read_text())
+  rows = result['rows']
   for kind in ('lora', 'full'):
     ours = rows[f'ours_{kind}']
     assert ours['status'] == 'ok', (kind, ours.get('error'))
-    assert ours['config']['scan_layers'] is True and ours['config']['model_remat_policy'] == 'full', ours['config']
+    assert ours['config']['scan_layers'] is False and ours['config']['model_remat_policy'] == 'full', ours['config']
     assert abs(ours['losses'][0] - rows[f'hf_{kind}']['losses'][0]) < LOSS_TOLERANCE, kind
+  assert result['complete'] and list(result['variants']) == ['ours_lora[scan_layers=true,loss_chunk=16]']
+  variant = result['variants']['ours_lora[scan_layers=true,loss_chunk=16]']
+  assert variant['status'] == 'ok', variant.get('error')
+  assert variant['config'] == dict(rows['ours_lora']['config'], scan_layers=True, loss_chunk=16)
+  assert _close(variant['ratio_tokens_per_s'], variant['tokens_per_s'] / rows['hf_lora']['tokens_per_s'])
+  assert _close(variant['ratio_peak_memory'], variant['peak_memory_bytes'] / rows['hf_lora']['peak_memory_bytes'])
+  # The same weights and batch: the layout, the loss chunks and remat change the bfloat16 loss only by rounding
+  # (1.0e-3 here), well inside what tells weights apart (LOSS_TOLERANCE above).
+  assert abs(variant['losses'][0] - rows['ours_lora']['losses'][0]) < LOSS_TOLERANCE
+  assert '| fiat-jax LoRA step [scan_layers=true,loss_chunk=16] |' in proc.stdout
+
+
+def test_a_variant_naming_no_flag_of_ours_is_refused_before_anything_runs(tmp_path):
+  proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--lora_variants', 'kernel=cudnn', '--json',
+                         str(tmp_path / 'a.json')], env=_env(), capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode != 0
+  assert "--lora_variants 'kernel=cudnn': 'kernel=cudnn' is not NAME=VALUE with NAME one of kernels" in proc.stderr
+  assert not (tmp_path / 'a.json').exists()
