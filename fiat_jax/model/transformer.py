@@ -94,7 +94,7 @@ def _logical(init, names):
 
 
 class RMSNorm(nn.Module):
-  """RMS normalisation in float32, optionally Gemma's (1 + scale) form."""
+  """RMS normalisation in float32 (float64 for float64 inputs), optionally Gemma's (1 + scale) form."""
   cfg: Config
   axis_name: str = "embed"
 
@@ -102,9 +102,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     init = nn.initializers.zeros if self.cfg.norm_plus_one else nn.initializers.ones
     scale = self.param("scale", _logical(init, (self.axis_name,)), (x.shape[-1],), self.cfg.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    scale = scale.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 and float32 inputs: float32
+    xf = x.astype(acc)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    scale = scale.astype(acc)
     return (y * (1.0 + scale if self.cfg.norm_plus_one else scale)).astype(x.dtype)
 
 
@@ -129,10 +130,11 @@ def rope_inv_freq(cfg: Config, local: bool) -> Array:
 
 
 def apply_rope(x_BLNE, positions_BL, inv_freq):
-  """Rotates (first half, second half) pairs of the head dim: the Hugging Face weight layout."""
+  """Rotates (first half, second half) pairs of the head dim: the Hugging Face weight layout. In float32 (x in
+  float64 for float64 inputs; the angles stay float32)."""
   angles_BLE2 = positions_BL[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angles_BLE2)[:, :, None], jnp.cos(angles_BLE2)[:, :, None]
-  x1, x2 = jnp.split(x_BLNE.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BLNE.astype(jnp.promote_types(x_BLNE.dtype, jnp.float32)), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNE.dtype)
 
 
