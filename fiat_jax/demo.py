@@ -5,10 +5,12 @@
    by the value looked up (`lives Ravi Pune.`).
 2. The readers, pre-trained once by `python -m fiat_jax.demo pretrain` and shipped in fiat_jax/demo_readers/ (with
    the tokenizer and a manifest saying how), or here with --from_scratch: τ's plain base (language modelling over
-   passages dense with one-hop look-ups, a curriculum from one chain of facts to four), β (that reader trained on
-   plenty of chain-of-thought text, standing in for a big model's emergent reasoning; loaded through `local_beta`,
-   as a real β is) and τ's instruction-tuned variant (the base tuned on other tasks in the instruction style:
-   English one-hop questions). Premise 2: how well each τ reads (exact match on held-out one-hop questions).
+   passages dense with one-hop look-ups, a curriculum from one chain of facts to four), β (a second reader
+   pre-trained the same way from its own seed and text, then trained on plenty of chain-of-thought text, standing
+   in for a big model's emergent reasoning; loaded through `local_beta`, as a real β is) and τ's instruction-tuned
+   variant (the base tuned on other tasks in the instruction style: English one-hop questions, and English two-hop
+   questions with a reasoning line, often wrong, to check against the passage). Premise 2: how well each τ reads
+   (exact match on held-out one-hop questions).
 3. The real recipes through gin_configs/demo.gin and `tuning.build`: few-shot ICL (β alone), fine-tuning the plain
    τ, FIAT, FIAT without CoT-augmented tuning, and without instruction-augmented tuning too. β writes every
    rationale; nothing is copied from the generator.
@@ -83,21 +85,23 @@ class Scale:
   """How much the demo trains: the readers' pre-training (`pretrain`, --from_scratch), and τ's steps per row."""
   beta_examples: int = 9600  # 300 batches of 32: each chain of thought seen once
   beta_steps: int = 300
-  tau_lm_steps: int = 1200
-  tau_it_steps: int = 300
+  # τ's base: at 1,200 steps one city of 22 (Multan) was still read 20% of the time, at 1,800 every city.
+  tau_lm_steps: int = 1800
+  beta_lm_steps: int = 1200
+  tau_it_steps: int = 900
   tau_steps: int = 120
   # Seconds each stage took on an idle 2-core CPU (the ETA's prior; scaled by how fast this machine goes).
-  seconds: tuple = (('world', 5), ('tau_base', 360), ('beta', 84), ('tau_it', 44), ('reader', 10),
-                    ('icl', 10), ('xs_finetune', 36), ('xs_fiat', 45), ('xs_wo_cot', 47),
+  seconds: tuple = (('world', 5), ('tau_base', 455), ('beta_base', 311), ('beta', 75), ('tau_it', 265),
+                    ('reader', 10), ('icl', 10), ('xs_finetune', 36), ('xs_fiat', 45), ('xs_wo_cot', 47),
                     ('xs_wo_instruction', 40), ('report', 5))
 
 
 # The demo as `make demo` runs it: the readers pre-trained by `python -m fiat_jax.demo pretrain` (READERS_DIR).
 LOADED = Scale(seconds=(('world', 3), ('readers', 1), ('reader', 10), ('icl', 10), ('xs_finetune', 36),
                         ('xs_fiat', 45), ('xs_wo_cot', 47), ('xs_wo_instruction', 40), ('report', 5)))
-QUICK = Scale(beta_examples=320, beta_steps=10, tau_lm_steps=4, tau_it_steps=4, tau_steps=4,
-              seconds=(('world', 3), ('tau_base', 4), ('beta', 11), ('tau_it', 6), ('reader', 5), ('icl', 8),
-                       ('xs_finetune', 14), ('xs_fiat', 18), ('xs_wo_cot', 12), ('xs_wo_instruction', 12),
+QUICK = Scale(beta_examples=320, beta_steps=10, tau_lm_steps=4, beta_lm_steps=4, tau_it_steps=4, tau_steps=4,
+              seconds=(('world', 3), ('tau_base', 4), ('beta_base', 4), ('beta', 11), ('tau_it', 6), ('reader', 5),
+                       ('icl', 8), ('xs_finetune', 14), ('xs_fiat', 18), ('xs_wo_cot', 12), ('xs_wo_instruction', 12),
                        ('report', 5)))
 READERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_readers')
 
@@ -193,20 +197,25 @@ def world_tokenizer(folder: str, i_beta: list[dict]) -> str:
 
 def train_readers(folder: str, scale: Scale, progress: Progress, i_beta: list[dict]) -> dict:
   """Pre-trains τ's plain base (reading text: passages dense with one-hop look-ups, from one chain of facts to
-  four), β (that reader, then plenty of chain-of-thought text) and τ's instruction-tuned variant (the base tuned on
-  one-hop questions in the instruction style), each written as a Hugging Face checkpoint under `folder` with the
-  tokenizer; a stage whose checkpoint is already there is loaded instead (every stage is seeded, so resuming
-  gives what one uninterrupted run gives). Returns each stage's seconds."""
+  four), β's own plain base (the same recipe from another seed and text: a separately pre-trained model, as the
+  paper's β and τ are), β (that base, then plenty of chain-of-thought text) and τ's instruction-tuned variant (τ's
+  base tuned on its instruction mixture: one-hop questions, and two-hop ones with a reasoning line to check), each
+  written as a Hugging Face checkpoint under `folder` with the tokenizer; a stage whose checkpoint is already there
+  is loaded instead (every stage is seeded, so resuming gives what one uninterrupted run gives). Returns each
+  stage's seconds."""
   from fiat_jax.model import hf  # pylint: disable=g-import-not-at-top
   sp_path = world_tokenizer(folder, i_beta)
   vocab = seqio.SentencePieceVocabulary(sp_path)
   cfg = tau_config(-(-vocab.vocab_size // 128) * 128)
-  plain = [('', text) for text in miniature.reading_texts(32 * max(scale.tau_lm_steps, 4), seed=303)]
-  stages = (('tau_base', None, plain, scale.tau_lm_steps,
-             dict(seed=1, ordered=True, weight_decay=0.1, lr=LM_LR, schedule='constant', b2=0.95)),
-            ('beta', 'tau_base', miniature.cot_pairs(scale.beta_examples, seed=101, i_beta=i_beta),
+  plain = lambda steps, seed: [('', text) for text in miniature.reading_texts(32 * max(steps, 4), seed=seed)]
+  lm = dict(ordered=True, weight_decay=0.1, lr=LM_LR, schedule='constant', b2=0.95)
+  # β and τ are separately pre-trained models (as PaLM-2 L and XS are): β's base has its own initialisation and
+  # reading text, so β's blind spots are not τ's.
+  stages = (('tau_base', None, plain(scale.tau_lm_steps, 303), scale.tau_lm_steps, dict(seed=1, **lm)),
+            ('beta_base', None, plain(scale.beta_lm_steps, 304), scale.beta_lm_steps, dict(seed=4, **lm)),
+            ('beta', 'beta_base', miniature.cot_pairs(scale.beta_examples, seed=101, i_beta=i_beta),
              scale.beta_steps, dict(seed=3, lr=TUNE_LR)),
-            ('tau_it', 'tau_base', miniature.instruction_pairs(32 * max(scale.tau_it_steps, 4), seed=202),
+            ('tau_it', 'tau_base', miniature.instruction_mixture(32 * max(scale.tau_it_steps, 4), seed=202),
              scale.tau_it_steps, dict(seed=2, lr=TUNE_LR)))
   params, seconds = {}, {}
   for name, start, pairs, steps, kw in stages:
@@ -287,7 +296,8 @@ def pretrain_command(out_dir: str) -> int:
               'device': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax '
                         f'{jax.default_backend()}',
               'wall_s': round(time.time() - t0, 1), 'stage_seconds': seconds,
-              'steps': {'tau_base': scale.tau_lm_steps, 'beta': scale.beta_steps, 'tau_it': scale.tau_it_steps},
+              'steps': {'tau_base': scale.tau_lm_steps, 'beta_base': scale.beta_lm_steps, 'beta': scale.beta_steps,
+                        'tau_it': scale.tau_it_steps},
               'skills': {k: v['em'] for k, v in skills.items()}}
   with open(os.path.join(out_dir, 'manifest.json'), 'w', encoding='utf-8') as f:
     json.dump(manifest, f, indent=1)

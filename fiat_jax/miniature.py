@@ -8,8 +8,8 @@ two look-ups (Asha -> Ravi, then Ravi -> Pune), and `No Answer` when the passage
 lives or works. Every name and city is one token (a user-defined piece of the world's SentencePiece model), so
 every look-up has a one-token key. The generator also writes the chain of thought β learns from (the two facts,
 in the ledger's form), the I_β prompt files, the reading text τ is pre-trained on (passages with many one-hop
-questions each), τ's instruction-tuning mixture (English one-hop questions: other tasks, the instruction style)
-and the tokenizer. Nothing here is downloaded.
+questions each), τ's instruction-tuning mixture (other tasks: English one-hop questions in the instruction style,
+and English two-hop questions in FIAT's input layout with a reasoning line that is often wrong) and the tokenizer. Nothing here is downloaded.
 """
 import json
 import os
@@ -200,6 +200,35 @@ def instruction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     passage = _passage(rng, chains)
     out += [(reading_prompt(passage, q), a) for q, a in one_hop_questions(rng, chains)[:2]]
   return out[:n]
+
+
+def reasoning_pairs(n: int, seed: int, wrong_rate: float = 0.4) -> list[tuple[str, str]]:
+  """τ's instruction tuning, its reasoning task (other tasks with a reasoning line, as instruction mixtures carry
+  chain-of-thought data): English two-hop questions ("Where does the friend of Asha live?") in the layout of FIAT's
+  inputs (I_τ, the fields, the reasoning header, the cue) with a reasoning line in the ledger's form, of which
+  `wrong_rate` misread the last look-up (a stated place read as another chain's or as unknown, a missing one read
+  as another chain's; the header says the reasoning may be wrong). The answer is always the passage's: the task is
+  to check the reasoning's last look-up against the passage, not to copy it."""
+  from fiat_jax.data import formatting  # pylint: disable=g-import-not-at-top
+  i_tau = formatting.load_i_tau('xtreme_up_xqa')
+  rng, out = random.Random(seed), []
+  for _ in range(n):
+    chains = draw_chains(rng, rng.randint(2, CHAINS + 1), rng.random() < 0.75)
+    c = dict(chains[0])
+    question = f'Where does the {c["rel"]} of {c["x"]} {ENGLISH[c["attr"]]}?'
+    answer = c['city'] if c['stated'] else NO_ANSWER
+    if rng.random() < wrong_rate:
+      c.update(city=rng.choice(chains[1:])['city'], stated=not c['stated'] or rng.random() < 0.5)
+    example = {'question': question, 'title': 'Friends and places', 'context': _passage(rng, chains)}
+    out.append((formatting.format_inputs('xtreme_up_xqa', example, 'instruction_rationale', i_tau=i_tau,
+                                         rationale=chain_of_thought(c)), answer))
+  return out
+
+
+def instruction_mixture(n: int, seed: int) -> list[tuple[str, str]]:
+  """τ's whole instruction-tuning mixture: half one-hop reading questions, half the reasoning task, interleaved."""
+  one_hop, reasoning = instruction_pairs(n - n // 2, seed), reasoning_pairs(n // 2, seed + 1)
+  return [pair for two in zip(one_hop, reasoning) for pair in two] + one_hop[len(reasoning):]
 
 
 def reading_pairs(n: int, seed: int) -> list[tuple[str, str]]:

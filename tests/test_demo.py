@@ -37,12 +37,32 @@ def test_reader_exact_match_counts_the_greedy_answers(monkeypatch):
 
 def test_reading_pairs_are_held_out_one_hop_questions():
   pairs = miniature.reading_pairs(200, demo.READER_SEED)
-  training = {p for p, _ in miniature.instruction_pairs(32 * demo.Scale().tau_it_steps, 202)}
+  training = {p for p, _ in miniature.instruction_mixture(32 * demo.Scale().tau_it_steps, 202)}
   assert not training & {p for p, _ in pairs}
   for prompt, answer in pairs:
     passage = prompt.split('Passage: ')[1].split('\nQuestion:')[0]
     assert answer == miniature.NO_ANSWER or answer in passage.replace('.', '').split(' ')
   assert 0.2 < sum(a == miniature.NO_ANSWER for _, a in pairs) / len(pairs) < 0.5
+
+
+def test_the_reasoning_task_answers_from_the_passage_whatever_its_reasoning_line_says():
+  from fiat_jax.data import formatting  # pylint: disable=g-import-not-at-top
+  pairs = miniature.reasoning_pairs(400, 9)
+  wrong = 0
+  for prompt, answer in pairs:
+    assert prompt.startswith(formatting.load_i_tau('xtreme_up_xqa')) and prompt.endswith('\nAnswer:')
+    question = prompt.split('Question: ')[1].split('\n')[0]
+    passage = prompt.split('Passage: ')[1].split('\n')[0]
+    reasoning = prompt.split(formatting.RATIONALE_HEADER + ' ')[1].split('\n')[0]
+    rel, x, p, ledger, p2, place = reasoning.replace('.', '').split()
+    assert question.startswith(f'Where does the {rel} of {x} ') and p == p2
+    assert f'{rel} {x} {p}.' in passage  # the first look-up is always right
+    stated = [f for f in passage.split('. ') if f.startswith(f'{ledger} {p} ')]
+    assert answer == (stated[0].rstrip('.').split()[-1] if stated else miniature.NO_ANSWER)
+    wrong += place != (answer if stated else miniature.UNKNOWN)
+  assert 0.35 < wrong / len(pairs) < 0.45  # wrong_rate 0.4: the answer is the passage's, not the reasoning's
+  mixture = miniature.instruction_mixture(10, 3)
+  assert [formatting.RATIONALE_HEADER in p for p, _ in mixture] == [False, True] * 5
 
 
 def test_every_look_up_has_a_one_token_key_followed_by_its_value(tmp_path):
@@ -124,11 +144,11 @@ def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
   with open(os.path.join(demo.READERS_DIR, 'manifest.json'), encoding='utf-8') as f:
     manifest = json.load(f)
   assert manifest['command'].startswith('python -m fiat_jax.demo pretrain')
-  assert manifest['steps'] == {'tau_base': 1200, 'beta': 300, 'tau_it': 300}
+  assert manifest['steps'] == {'tau_base': 1800, 'beta_base': 1200, 'beta': 300, 'tau_it': 900}
   # The manifest's skills are what these readers measure (premise 2 met: README, "The demo").
   measured = demo.measure_readers(demo.READERS_DIR)
   assert manifest['skills'] == {k: v['em'] for k, v in measured.items()}
   assert manifest['skills']['instruction_tuned'] >= demo.READER_PREMISE
-  assert sorted(os.listdir(demo.READERS_DIR)) == ['beta', 'manifest.json', 'sp.model', 'tau_base', 'tau_it']
-  for name in ('tau_base', 'tau_it', 'beta'):
+  assert sorted(os.listdir(demo.READERS_DIR)) == ['beta', 'beta_base', 'manifest.json', 'sp.model', 'tau_base', 'tau_it']
+  for name in ('tau_base', 'beta_base', 'tau_it', 'beta'):
     assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
