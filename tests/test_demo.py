@@ -32,7 +32,8 @@ def test_reader_exact_match_counts_the_greedy_answers(monkeypatch):
     return decoding.GenerateResult(tokens=[[7], [8], [9]], logprobs=[[0.0]] * 3)
 
   monkeypatch.setattr(decoding, 'generate', generate)
-  assert demo.reader_exact_match(demo.tau_config(128), {}, Vocab(), pairs) == {'exact': 2, 'n': 3, 'em': 200 / 3}
+  assert demo.reader_exact_match(demo.tau_config(128), {}, Vocab(), pairs) == {
+      'exact': 2, 'n': 3, 'em': 200 / 3, 'worst': {'answer': 'Pune', 'exact': 0, 'n': 1}}
 
 
 def test_reading_pairs_are_held_out_one_hop_questions():
