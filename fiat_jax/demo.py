@@ -371,9 +371,11 @@ def premises(out: str) -> list[str]:
   verdict = ('met' if tuned['em'] >= READER_PREMISE else
              'not met: τ does not read, so no τ row can show FIAT\'s advantage (README, "The demo")')
   icl, finetune = row_f1(out, 'icl'), row_f1(out, 'xs_finetune')
+  worst = tuned['worst']
+  worst = (f'its worst answer {worst["answer"]}, {worst["exact"]}/{worst["n"]}' if worst['exact'] < worst['n']
+           else 'every answer right')
   return [f'demo: premise 2: the instruction-tuned τ answers {tuned["em"]:.1f}% of held-out one-hop English '
-          f'questions exactly before any FIAT tuning (the plain base {plain["em"]:.1f}%; the instruction-tuned τ\'s '
-          f'worst answer {tuned["worst"]["answer"]}, {tuned["worst"]["exact"]}/{tuned["worst"]["n"]}); a competent '
+          f'questions exactly before any FIAT tuning ({worst}; the plain base {plain["em"]:.1f}%); a competent '
           f'reader answers >= {READER_PREMISE:.0f}%: {verdict}.',
           f'demo: premise 1: β\'s few-shot two-hop test F1 {icl:.1f} against {finetune:.1f} for fine-tuning τ on the '
           f'{SIZES["train"]} examples: {"met" if icl > finetune else "not met"}.']

@@ -101,8 +101,9 @@ def test_quick_demo_runs_every_row_and_beta_writes_the_rationales(tmp_path, caps
   for title in ('| — | L | ICL |', '| XS | — | Fine-tune |', '| XS | L | FIAT |', 'w/o CoT-augmented tuning',
                 'w/o Instruction-augmented tuning', 'premise 2', 'premise 1: β\'s few-shot two-hop test F1'):
     assert title in printed, title
-  for k, (name, _, _) in enumerate(demo.ROWS):  # a progress line with an ETA before every row
-    assert f'demo [{k + 6}/{len(demo.QUICK.seconds)}] {name}: elapsed ' in printed
+  stages = [name for name, _ in demo.QUICK.seconds]
+  for name, _, _ in demo.ROWS:  # a progress line with an ETA before every row
+    assert f'demo [{stages.index(name) + 1}/{len(stages)}] {name}: elapsed ' in printed
   for name, row, _ in demo.ROWS:
     m = json.loads((out / 'runs' / 'miniature' / name / 'metrics.json').read_text())
     assert m['experiment']['row'] == row
