@@ -17,8 +17,8 @@
 4. `fiat report`: a Table 2-style table, Table 3's rows that ran, Figure 3 and Figure 5; per row, how often τ's
    answer equals β's and how many distinct answers it gives; premise 1 (β's F1 above fine-tuning's) and 2.
 
-  python -m fiat_jax.demo [--out_dir=demo_out] [--quick] [--from_scratch]
-  python -m fiat_jax.demo pretrain [--out_dir=fiat_jax/demo_readers]
+  python -m fiat_jax.demo [--out_dir=demo_out] [--quick] [--from_scratch] [--readers=fiat_jax/demo_readers]
+  python -m fiat_jax.demo pretrain [--out_dir=fiat_jax/demo_readers] [--beta_steps=300]
 """
 import os
 import sys
@@ -281,12 +281,13 @@ def build_world(out: str, scale: Scale, progress: Progress, readers_dir: Optiona
           'MINIATURE_TAU_IT': os.path.join(folder, 'tau_it')}
 
 
-def pretrain_command(out_dir: str) -> int:
-  """`python -m fiat_jax.demo pretrain`: the readers `make demo` loads, with a manifest of how they were made."""
+def pretrain_command(out_dir: str, beta_steps: Optional[int] = None) -> int:
+  """`python -m fiat_jax.demo pretrain`: the readers `make demo` loads, with a manifest of how they were made.
+  beta_steps: β's chain-of-thought steps (a weaker β: README, "Where FIAT's gain comes from")."""
   import platform  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  scale = Scale()
+  scale = Scale() if beta_steps is None else Scale(beta_steps=beta_steps)
   progress = Progress(dict(scale.seconds))
   prompts_dir = os.path.join(out_dir, 'prompts')
   i_beta = miniature.i_beta_messages(*miniature.write_i_beta(prompts_dir))
@@ -390,9 +391,16 @@ def main(argv: list[str]) -> int:
   ap.add_argument('--out_dir', default=None, help='default demo_out (run) or the packaged readers (pretrain)')
   ap.add_argument('--quick', action='store_true', help='a few steps of everything (a smoke run, not results)')
   ap.add_argument('--from_scratch', action='store_true', help='train the readers here instead of loading them')
+  ap.add_argument('--readers', default=READERS_DIR, help='run: the pre-trained readers to load (default: the '
+                  'packaged ones)')
+  ap.add_argument('--beta_steps', type=int, default=None, help='pretrain: β\'s chain-of-thought steps (default '
+                  f'{Scale().beta_steps}); stages already in --out_dir are loaded, not retrained')
   args = ap.parse_args(argv)
   if args.command == 'pretrain':
-    return pretrain_command(args.out_dir or READERS_DIR)
+    return pretrain_command(args.out_dir or READERS_DIR, args.beta_steps)
+  if not (args.quick or args.from_scratch or os.path.exists(os.path.join(args.readers, 'manifest.json'))):
+    raise commands.UsageError(f'--readers={args.readers}: no manifest.json there: not a folder written by '
+                              '`python -m fiat_jax.demo pretrain`')
   args.out_dir = args.out_dir or 'demo_out'
   for path in sorted({f for _, _, files in ROWS for f in ['demo.gin'] + files}):
     cli.resolve_gin_file(path)  # a missing gin file ends the demo now, not after minutes of pre-training
@@ -403,7 +411,7 @@ def main(argv: list[str]) -> int:
   try:
     for sub in OUTPUTS:  # a fresh world each time: stored rationales and checkpoints of an earlier one never mix in
       shutil.rmtree(os.path.join(args.out_dir, sub), ignore_errors=True)
-    macros = build_world(args.out_dir, scale, progress, None if args.quick or args.from_scratch else READERS_DIR)
+    macros = build_world(args.out_dir, scale, progress, None if args.quick or args.from_scratch else args.readers)
     run_rows(args.out_dir, macros, scale, progress)
     progress.stage('report')
     result = report.report(os.path.join(args.out_dir, 'runs'), os.path.join(args.out_dir, 'report'))

@@ -154,3 +154,14 @@ def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
   assert sorted(os.listdir(demo.READERS_DIR)) == ['beta', 'beta_base', 'manifest.json', 'sp.model', 'tau_base', 'tau_it']
   for name in ('tau_base', 'beta_base', 'tau_it', 'beta'):
     assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
+
+
+def test_readers_that_are_not_a_pretrain_folder_are_refused_by_name(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'readers').mkdir()
+  res = subprocess.run([sys.executable, '-m', 'fiat_jax.demo', f'--readers={tmp_path / "readers"}',
+                        f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True, check=False)
+  assert res.returncode == 2
+  assert f'--readers={tmp_path / "readers"}: no manifest.json there' in res.stderr
+  assert not (tmp_path / 'out').exists()  # refused before anything is written
