@@ -183,11 +183,11 @@ def reader_exact_match(cfg: model_lib.Config, params, vocab: seqio.Vocabulary, p
   out = decoding.generate(model_lib.Transformer(cfg), {'params': params}, prompts_, max_new_tokens=8,
                           eos_id=vocab.eos_id, pad_id=vocab.pad_id, batch_size=64)
   answers = [vocab.decode(t).split('\n')[0].strip() for t in out.tokens]
-  exact = sum(a == y for a, (_, y) in zip(answers, pairs))
   by_answer = collections.defaultdict(lambda: [0, 0])  # an average hides one unread name or city: the worst one
   for a, (_, y) in zip(answers, pairs):
     by_answer[y][0] += a == y
     by_answer[y][1] += 1
+  exact = sum(right for right, _ in by_answer.values())
   worst = min(sorted(by_answer), key=lambda y: by_answer[y][0] / by_answer[y][1])
   return {'exact': exact, 'n': len(pairs), 'em': 100.0 * exact / len(pairs),
           'worst': {'answer': worst, 'exact': by_answer[worst][0], 'n': by_answer[worst][1]}}
@@ -287,7 +287,7 @@ def pretrain_command(out_dir: str, beta_steps: Optional[int] = None) -> int:
   import platform  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  scale = Scale() if beta_steps is None else Scale(beta_steps=beta_steps)
+  scale = Scale() if beta_steps is None else dataclasses.replace(Scale(), beta_steps=beta_steps)
   progress = Progress(dict(scale.seconds))
   prompts_dir = os.path.join(out_dir, 'prompts')
   i_beta = miniature.i_beta_messages(*miniature.write_i_beta(prompts_dir))

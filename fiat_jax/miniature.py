@@ -9,7 +9,8 @@ lives or works. Every name and city is one token (a user-defined piece of the wo
 every look-up has a one-token key. The generator also writes the chain of thought β learns from (the two facts,
 in the ledger's form), the I_β prompt files, the reading text τ is pre-trained on (passages with many one-hop
 questions each), τ's instruction-tuning mixture (other tasks: English one-hop questions in the instruction style,
-and English two-hop questions in FIAT's input layout with a reasoning line that is often wrong) and the tokenizer. Nothing here is downloaded.
+and English two-hop questions in FIAT's input layout with a reasoning line that is often wrong) and the tokenizer.
+Nothing here is downloaded.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import random
 import numpy as np
 
 from fiat_jax.beta import prompts
+from fiat_jax.data import formatting
 from fiat_jax.data import readers
 
 LANGUAGES = ('bn', 'hi', 'mr', 'ur', 'ru')
@@ -209,7 +211,6 @@ def reasoning_pairs(n: int, seed: int, wrong_rate: float = 0.4) -> list[tuple[st
   `wrong_rate` misread the last look-up (a stated place read as another chain's or as unknown, a missing one read
   as another chain's; the header says the reasoning may be wrong). The answer is always the passage's: the task is
   to check the reasoning's last look-up against the passage, not to copy it."""
-  from fiat_jax.data import formatting  # pylint: disable=g-import-not-at-top
   i_tau = formatting.load_i_tau('xtreme_up_xqa')
   rng, out = random.Random(seed), []
   for _ in range(n):

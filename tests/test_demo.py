@@ -3,6 +3,7 @@ import json
 import os
 
 from fiat_jax.beta import store
+from fiat_jax.data import formatting
 from fiat_jax.data import readers
 from fiat_jax import demo
 from fiat_jax import miniature
@@ -47,7 +48,6 @@ def test_reading_pairs_are_held_out_one_hop_questions():
 
 
 def test_the_reasoning_task_answers_from_the_passage_whatever_its_reasoning_line_says():
-  from fiat_jax.data import formatting  # pylint: disable=g-import-not-at-top
   pairs = miniature.reasoning_pairs(400, 9)
   wrong = 0
   for prompt, answer in pairs:
@@ -151,7 +151,8 @@ def test_the_packaged_readers_say_how_they_were_made_and_what_they_measured():
   measured = demo.measure_readers(demo.READERS_DIR)
   assert manifest['skills'] == {k: v['em'] for k, v in measured.items()}
   assert manifest['skills']['instruction_tuned'] >= demo.READER_PREMISE
-  assert sorted(os.listdir(demo.READERS_DIR)) == ['beta', 'beta_base', 'manifest.json', 'sp.model', 'tau_base', 'tau_it']
+  assert sorted(os.listdir(demo.READERS_DIR)) == ['beta', 'beta_base', 'manifest.json', 'sp.model', 'tau_base',
+                                                   'tau_it']
   for name in ('tau_base', 'beta_base', 'tau_it', 'beta'):
     assert os.path.getsize(os.path.join(demo.READERS_DIR, name, 'model.safetensors')) < 3_000_000
 
